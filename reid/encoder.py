@@ -1,0 +1,146 @@
+"""`Encoder`: clips of person crops in, float32 KeyRe-ID descriptors out.
+
+CPU preprocessing (resize, keypoint rescaling, normalisation) is separate from the batched
+model step so a service can prepare clips on workers and batch them on the accelerator.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import file_digest, load_model
+from .registry import build_model
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_SEED = 0
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available on this machine")
+    return device
+
+
+class Encoder:
+    """Inference wrapper around a KeyRe-ID model.
+
+    `checkpoint`: a file written by `reid.checkpoints.save_checkpoint` or by training (it
+    carries its own config, so `model` is ignored). Without one, the named variant is built
+    with a fixed seed: every process gets the same, *untrained*, embeddings — useful for
+    plumbing, useless for re-identification, and said loudly.
+    `precision`: "auto" (bf16 autocast on CUDA when supported, else fp16; fp32 on CPU),
+    "fp32", "bf16" or "fp16".
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        model: str = "keyreid_vit_tiny",
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        precision: str = "auto",
+        **overrides,
+    ) -> None:
+        self.device = _resolve_device(device)
+        if checkpoint is not None:
+            network, payload = load_model(checkpoint)
+            self.model_name = payload.get("model_name", "custom")
+            self.model_id = f"{self.model_name}@{file_digest(checkpoint)}"
+            self.trained = True
+        else:
+            network = build_model(model, seed=UNTRAINED_SEED, **overrides)
+            self.model_name = model
+            self.model_id = f"{model}@untrained-seed{UNTRAINED_SEED}"
+            self.trained = False
+            log.warning(
+                "\n%s\nNO RE-ID CHECKPOINT: %s is randomly initialised. Its embeddings are UNTRAINED and will\n"
+                "not re-identify people. Train one with `python -m training.train` and pass it as a checkpoint.\n%s",
+                "!" * 78, model, "!" * 78,
+            )
+        self.model = network.to(self.device).eval()
+        self.config = network.config
+        self.batch_size = batch_size
+        self.autocast_dtype = self._autocast_dtype(precision)
+        self._mean = torch.tensor(self.config.mean).view(1, 1, 3, 1, 1)
+        self._std = torch.tensor(self.config.std).view(1, 1, 3, 1, 1)
+
+    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
+        choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if precision == "auto":
+            if self.device.type != "cuda":
+                return None
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if precision not in choices:
+            raise ValueError(f"precision={precision!r}: choose auto, fp32, bf16 or fp16")
+        return choices[precision]
+
+    @property
+    def dim(self) -> int:
+        return self.model.descriptor_dim
+
+    @property
+    def num_frames(self) -> int:
+        return self.config.num_frames
+
+    def preprocess(self, frames: np.ndarray, keypoints: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 `[N, T, h, w, 3]` RGB crops (any size) and keypoints `[N, T, 17, 3]` in crop pixels ->
+        normalised float `[N, T, 3, H, W]` and keypoints in model-input pixels (CPU)."""
+        frames = np.asarray(frames)
+        if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 [N, T, H, W, 3] RGB, got {frames.dtype} {frames.shape}")
+        count, num_frames, height, width = frames.shape[:4]
+        if num_frames != self.num_frames:
+            raise ValueError(f"clips must have {self.num_frames} frames, got {num_frames}")
+        if keypoints is None:
+            keypoints = np.zeros((count, num_frames, 17, 3), dtype=np.float32)
+        keypoints = np.asarray(keypoints, dtype=np.float32)
+        if keypoints.shape != (count, num_frames, 17, 3):
+            raise ValueError(f"keypoints must be [N, T, 17, 3] = {(count, num_frames, 17, 3)}, got {keypoints.shape}")
+        out_h, out_w = self.config.img_size
+        images = torch.from_numpy(frames).flatten(0, 1).permute(0, 3, 1, 2).float().div_(255.0)
+        if (height, width) != (out_h, out_w):
+            images = F.interpolate(images, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+        images = images.view(count, num_frames, 3, out_h, out_w)
+        images = (images - self._mean) / self._std
+        scaled = torch.from_numpy(keypoints).clone()
+        # pixel-index coordinates: centre of pixel i sits at i, so scale about the pixel edges
+        scaled[..., 0] = (scaled[..., 0] + 0.5) * (out_w / width) - 0.5
+        scaled[..., 1] = (scaled[..., 1] + 0.5) * (out_h / height) - 0.5
+        return images, scaled
+
+    @torch.inference_mode()
+    def encode_tensors(self, images: torch.Tensor, keypoints: torch.Tensor, camera_ids: torch.Tensor) -> np.ndarray:
+        """The batched accelerator step on preprocessed clips."""
+        outputs = []
+        for start in range(0, images.shape[0], self.batch_size):
+            stop = start + self.batch_size
+            batch = images[start:stop].to(self.device, non_blocking=True)
+            points = keypoints[start:stop].to(self.device, non_blocking=True)
+            cams = camera_ids[start:stop].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                descriptors = self.model.descriptor(self.model(batch, points, cams))
+            outputs.append(descriptors.float().cpu())
+        if not outputs:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return torch.cat(outputs).numpy()
+
+    def encode(self, frames: np.ndarray, keypoints: np.ndarray | None, camera_ids: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """Descriptors float32 `[N, dim]` for N clips. Camera ids index the model's camera
+        embedding; -1 (the default) means a camera the model was not trained on."""
+        images, points = self.preprocess(frames, keypoints)
+        count = images.shape[0]
+        if camera_ids is None:
+            cams = torch.full((count,), -1, dtype=torch.long)
+        else:
+            cams = torch.as_tensor(np.asarray(camera_ids), dtype=torch.long).view(-1)
+            if cams.shape[0] != count:
+                raise ValueError(f"{cams.shape[0]} camera ids for {count} clips")
+        return self.encode_tensors(images, points, cams)
