@@ -1,0 +1,55 @@
+"""Storage for KeyRe-ID Watch: schema, repository API and vector search.
+
+Only `sqlalchemy`, `numpy` and the standard library are used here, so the dashboard and
+training can read the database without importing torch.
+"""
+from .engine import validate_database_url
+from .errors import (
+    ReadOnlyError,
+    SchemaTooNewError,
+    SchemaTooOldError,
+    StorageError,
+    WriterLockedError,
+)
+from .records import (
+    LINK_KINDS,
+    ActivityBucket,
+    CameraRecord,
+    ClipRecord,
+    IdentityRecord,
+    LinkDecisionRecord,
+    NewClip,
+    RunRecord,
+    SearchHit,
+    StorageStats,
+    TrackletRecord,
+)
+from .repository import DEFAULT_URL, Repository, open_repository
+from .schema import SCHEMA_VERSION
+from .search import GalleryIndex, nearest
+
+__all__ = [
+    "DEFAULT_URL",
+    "LINK_KINDS",
+    "SCHEMA_VERSION",
+    "ActivityBucket",
+    "CameraRecord",
+    "ClipRecord",
+    "GalleryIndex",
+    "IdentityRecord",
+    "LinkDecisionRecord",
+    "NewClip",
+    "ReadOnlyError",
+    "Repository",
+    "RunRecord",
+    "SchemaTooNewError",
+    "SchemaTooOldError",
+    "SearchHit",
+    "StorageError",
+    "StorageStats",
+    "TrackletRecord",
+    "WriterLockedError",
+    "nearest",
+    "open_repository",
+    "validate_database_url",
+]

@@ -1,0 +1,155 @@
+"""Plain, frozen records returned by the repository.
+
+Callers never see ORM objects: a record is a snapshot that stays valid after its session has
+closed, can cross process boundaries (pickle) and cannot lazily trigger SQL from the dashboard
+or the training data loader.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import numpy as np
+
+LinkKind = Literal["new", "linked", "merged", "split"]
+LINK_KINDS: tuple[str, ...] = ("new", "linked", "merged", "split")
+DescriptorDtype = Literal["float16", "float32"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    id: int
+    started_at: datetime
+    ended_at: datetime | None
+    status: str
+    config: dict
+    pid: int | None
+    hostname: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CameraRecord:
+    id: str
+    name: str
+    source: str
+    crop: tuple[int, int, int, int] | None
+    created_at: datetime
+    status: str | None
+    last_frame_time: float | None
+    last_frame_index: int | None
+    fps: float | None
+    frames_processed: int
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrackletRecord:
+    id: int
+    run_id: int
+    camera_id: str
+    track_id: int
+    first_frame: int
+    last_frame: int
+    first_time: float
+    last_time: float
+    created_at: datetime
+    identity_id: int | None
+    finished: bool
+    thumbnail: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ClipRecord:
+    """One stored clip. `descriptor` is a read-only float32 vector of length `descriptor_dim`.
+
+    `boxes` holds one (x1, y1, x2, y2) box per frame index in camera coordinates (after the
+    camera's crop) and `keypoints` a read-only float32 array [T, K, 3] (x, y, confidence), so a
+    training set can re-crop the frames from the camera source.
+    """
+
+    id: int
+    tracklet_id: int
+    frame_indices: tuple[int, ...]
+    start_time: float
+    end_time: float
+    descriptor: np.ndarray = field(repr=False)
+    descriptor_dtype: str
+    descriptor_dim: int
+    model_id: str
+    boxes: tuple[tuple[float, float, float, float], ...] | None = field(default=None, repr=False)
+    keypoints: np.ndarray | None = field(default=None, repr=False)
+    thumbnail: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class NewClip:
+    """A clip to store; `descriptor` is a 1-D float vector (stored as the repository's dtype)."""
+
+    tracklet_id: int
+    frame_indices: tuple[int, ...] | list[int]
+    start_time: float
+    end_time: float
+    descriptor: np.ndarray
+    model_id: str
+    boxes: tuple | list | None = None
+    keypoints: np.ndarray | None = None
+    thumbnail: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRecord:
+    """A global identity with a summary of its live members (merged-away identities excluded)."""
+
+    id: int
+    created_at: datetime
+    label: str | None
+    member_count: int
+    camera_ids: tuple[str, ...]
+    first_time: float | None
+    last_time: float | None
+    merged_into: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDecisionRecord:
+    id: int
+    tracklet_id: int
+    identity_id: int
+    kind: str
+    distance: float | None
+    candidate_identity_id: int | None
+    created_at: datetime
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityBucket:
+    """Number of tracklets whose first_time falls in [start, start + bucket_seconds)."""
+
+    start: float
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class StorageStats:
+    cameras: int
+    runs: int
+    tracklets: int
+    clips: int
+    identities: int
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """One ranked tracklet: its best clip's Euclidean distance to the query."""
+
+    rank: int
+    distance: float
+    tracklet_id: int
+    clip_id: int
+    camera_id: str
+    track_id: int
+    first_time: float
+    last_time: float
+    identity_id: int | None

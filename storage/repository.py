@@ -1,0 +1,766 @@
+"""The repository: the only way the watcher, the dashboard and training touch the database.
+
+Every public write is its own short transaction and commits before returning, so a watcher
+killed with kill -9 loses nothing it was told was stored. Reads return frozen records
+(`records.py`), never ORM objects.
+
+Descriptors are stored as raw little-endian bytes with their dtype and dimension on each row.
+float16 is the default: it halves the database and the in-memory gallery, and re-id rankings
+are insensitive to its ~1e-3 relative rounding (descriptors are BN-normalised features of order
+1). float32 is available per repository for exact round trips. Clips of different models
+(`model_id`) may coexist; a search always uses a single model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import Engine, Integer, cast, func, inspect, or_, select, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqlalchemy.engine import make_url
+
+from .engine import create_storage_engine, display_url, sqlite_path, validate_database_url
+from .errors import (
+    ReadOnlyError,
+    SchemaTooNewError,
+    SchemaTooOldError,
+    StorageError,
+)
+from .lock import WriterLock
+from .records import (
+    LINK_KINDS,
+    ActivityBucket,
+    CameraRecord,
+    ClipRecord,
+    IdentityRecord,
+    LinkDecisionRecord,
+    NewClip,
+    RunRecord,
+    SearchHit,
+    StorageStats,
+    TrackletRecord,
+)
+from .schema import (
+    SCHEMA_VERSION,
+    Base,
+    Camera,
+    Clip,
+    Identity,
+    LinkDecision,
+    Run,
+    Tracklet,
+    read_schema_version,
+    upgrade,
+    utcnow,
+    write_schema_version,
+)
+from .search import GalleryIndex
+
+_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+_CAMERA_STATUS_FIELDS = ("status", "last_frame_time", "last_frame_index", "fps", "frames_processed")
+DEFAULT_URL = "sqlite:///keyreid.db"
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything we store is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def encode_descriptor(descriptor: np.ndarray, dtype: str) -> tuple[bytes, int]:
+    """(bytes, dim) of a 1-D float descriptor stored as `dtype`; rejects NaN and overflow."""
+    vector = np.asarray(descriptor, dtype=np.float32)
+    if vector.ndim == 2 and vector.shape[0] == 1:
+        vector = vector[0]
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(f"a descriptor must be a non-empty 1-D vector, got shape {vector.shape}")
+    stored = vector.astype(_DTYPES[dtype])
+    if not np.all(np.isfinite(stored)):
+        detail = "is not finite" if not np.all(np.isfinite(vector)) else f"overflows {dtype}"
+        raise ValueError(f"descriptor {detail} (max |value| {np.nanmax(np.abs(vector)):.3g})")
+    return stored.tobytes(), int(vector.size)
+
+
+def decode_descriptor(blob: bytes, dtype: str, dim: int) -> np.ndarray:
+    """A read-only float32 vector from stored bytes."""
+    if dtype not in _DTYPES or len(blob) != dim * _DTYPES[dtype].itemsize:
+        raise StorageError(f"corrupt descriptor: {len(blob)} bytes for {dim} x {dtype}")
+    vector = np.frombuffer(blob, dtype=_DTYPES[dtype]).astype(np.float32)
+    vector.flags.writeable = False
+    return vector
+
+
+class Repository:
+    """Schema-aware access to one database. Create it with `open_repository`."""
+
+    def __init__(self, engine: Engine, url: str, *, readonly: bool, descriptor_dtype: str,
+                 schema_version: int) -> None:
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._url = url
+        self._readonly = readonly
+        self._descriptor_dtype = descriptor_dtype
+        self._schema_version = schema_version
+        self._lock: WriterLock | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return display_url(self._url)
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def descriptor_dtype(self) -> str:
+        return self._descriptor_dtype
+
+    @property
+    def schema_version(self) -> int:
+        return self._schema_version
+
+    @property
+    def holds_writer_lock(self) -> bool:
+        return self._lock is not None and self._lock.held
+
+    def acquire_writer(self, owner: str) -> None:
+        """Become the database's single writer or raise WriterLockedError naming the holder."""
+        self._require_writable()
+        if self.holds_writer_lock:
+            return
+        path = sqlite_path(self._engine.url)
+        if path is None:
+            raise StorageError(
+                f"{self.url}: the single-writer lock is only implemented for SQLite files"
+            )
+        lock = WriterLock(Path(f"{path}.lock"), owner)
+        lock.acquire()
+        self._lock = lock
+
+    def release_writer(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def close(self) -> None:
+        """Release the writer lock and close every pooled connection."""
+        self.release_writer()
+        self._engine.dispose()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _require_writable(self) -> None:
+        if self._readonly:
+            raise ReadOnlyError(f"{self.url} was opened read-only; writes are not allowed")
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        self._require_writable()
+        with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        # One transaction per read: a consistent snapshot even while the writer commits.
+        with self._sessions.begin() as session:
+            yield session
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's `PRAGMA integrity_check` result lines (["ok"] for a sound file)."""
+        with self._engine.connect() as conn:
+            return [row[0] for row in conn.execute(text("PRAGMA integrity_check"))]
+
+    # -- runs and cameras ------------------------------------------------------------------
+    def start_run(self, config: dict) -> int:
+        """Record a new run of the watcher. Runs left "running" by a dead writer are closed."""
+        with self._write() as s:
+            if self.holds_writer_lock:
+                # We hold the only writer lock, so no other run can still be alive.
+                for run in s.scalars(select(Run).where(Run.status == "running")):
+                    run.status = "aborted: the writer stopped without finishing this run"
+            run = Run(config=json.dumps(config, sort_keys=True, default=str),
+                      pid=os.getpid(), hostname=socket.gethostname(), status="running")
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def finish_run(self, run_id: int, status: str = "finished") -> None:
+        with self._write() as s:
+            run = self._get(s, Run, run_id, "run")
+            run.status = status
+            run.ended_at = utcnow()
+
+    def list_runs(self) -> list[RunRecord]:
+        with self._read() as s:
+            return [
+                RunRecord(id=r.id, started_at=_aware(r.started_at), ended_at=_aware(r.ended_at),
+                          status=r.status, config=json.loads(r.config or "{}"), pid=r.pid,
+                          hostname=r.hostname)
+                for r in s.scalars(select(Run).order_by(Run.id))
+            ]
+
+    def upsert_camera(self, camera_id: str, name: str | None = None, source: str = "",
+                      crop: Sequence[int] | None = None) -> CameraRecord:
+        """Create or update a camera's description (its live status is left as it is)."""
+        if not camera_id:
+            raise ValueError("camera id must be a non-empty string")
+        crop_json = None if crop is None else json.dumps([int(v) for v in crop])
+        with self._write() as s:
+            camera = s.get(Camera, camera_id)
+            if camera is None:
+                camera = Camera(id=camera_id, frames_processed=0, created_at=utcnow())
+                s.add(camera)
+            camera.name = name or camera_id
+            camera.source = source
+            camera.crop = crop_json
+            s.flush()
+            return _camera_record(camera)
+
+    def update_camera_status(self, camera_id: str, **fields) -> None:
+        """Set live status fields: status, last_frame_time, last_frame_index, fps, frames_processed."""
+        unknown = sorted(set(fields) - set(_CAMERA_STATUS_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown camera status field(s) {unknown}; allowed: {list(_CAMERA_STATUS_FIELDS)}"
+            )
+        with self._write() as s:
+            camera = self._get(s, Camera, camera_id, "camera")
+            for key, value in fields.items():
+                setattr(camera, key, value)
+            camera.updated_at = utcnow()
+
+    def list_cameras(self) -> list[CameraRecord]:
+        with self._read() as s:
+            return [_camera_record(c) for c in s.scalars(select(Camera).order_by(Camera.id))]
+
+    # -- tracklets -------------------------------------------------------------------------
+    def add_tracklet(self, run_id: int, camera_id: str, track_id: int, first_frame: int,
+                     first_time: float, *, last_frame: int | None = None,
+                     last_time: float | None = None, thumbnail: bytes | None = None,
+                     finished: bool = False) -> int:
+        """A new tracklet; its last frame/time default to the first."""
+        with self._write() as s:
+            self._get(s, Run, run_id, "run")
+            self._get(s, Camera, camera_id, "camera")
+            tracklet = Tracklet(
+                run_id=run_id, camera_id=camera_id, track_id=int(track_id),
+                first_frame=int(first_frame), first_time=float(first_time),
+                last_frame=int(first_frame if last_frame is None else last_frame),
+                last_time=float(first_time if last_time is None else last_time),
+                thumbnail=thumbnail, finished=bool(finished), created_at=utcnow(),
+            )
+            s.add(tracklet)
+            try:
+                s.flush()
+            except SQLAlchemyError as exc:
+                raise StorageError(
+                    f"cannot add tracklet: run {run_id}, camera {camera_id!r} already has "
+                    f"track id {track_id}"
+                ) from exc
+            return tracklet.id
+
+    def update_tracklet(self, tracklet_id: int, *, last_frame: int | None = None,
+                        last_time: float | None = None, thumbnail: bytes | None = None,
+                        finished: bool | None = None) -> None:
+        """Extend a tracklet / replace its thumbnail / mark it finished; None leaves a field."""
+        with self._write() as s:
+            tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            if last_frame is not None:
+                tracklet.last_frame = int(last_frame)
+            if last_time is not None:
+                tracklet.last_time = float(last_time)
+            if thumbnail is not None:
+                tracklet.thumbnail = thumbnail
+            if finished is not None:
+                tracklet.finished = bool(finished)
+
+    def get_tracklet(self, tracklet_id: int) -> TrackletRecord | None:
+        with self._read() as s:
+            tracklet = s.get(Tracklet, tracklet_id)
+            return None if tracklet is None else _tracklet_record(tracklet, True)
+
+    def _tracklet_filter(self, camera_ids, time_range, identity_id, run_id, finished) -> list:
+        conditions = []
+        if camera_ids is not None:
+            conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
+        if time_range is not None:
+            start, end = time_range
+            conditions += [Tracklet.first_time <= end, Tracklet.last_time >= start]
+        if identity_id is not None:
+            conditions.append(Tracklet.identity_id == identity_id)
+        if run_id is not None:
+            conditions.append(Tracklet.run_id == run_id)
+        if finished is not None:
+            conditions.append(Tracklet.finished == finished)
+        return conditions
+
+    def list_tracklets(self, camera_ids: Iterable[str] | None = None,
+                       time_range: tuple[float, float] | None = None,
+                       identity_id: int | None = None, *, run_id: int | None = None,
+                       finished: bool | None = None, offset: int = 0, limit: int | None = None,
+                       thumbnails: bool = False) -> list[TrackletRecord]:
+        """Tracklets ordered by (first_time, id). A time range keeps tracklets overlapping it.
+
+        Thumbnails are loaded only when asked for, so listing many tracklets stays cheap.
+        """
+        conditions = self._tracklet_filter(camera_ids, time_range, identity_id, run_id, finished)
+        query = (select(Tracklet).where(*conditions)
+                 .order_by(Tracklet.first_time, Tracklet.id).offset(offset).limit(limit))
+        with self._read() as s:
+            return [_tracklet_record(t, thumbnails) for t in s.scalars(query)]
+
+    def count_tracklets(self, camera_ids: Iterable[str] | None = None,
+                        time_range: tuple[float, float] | None = None,
+                        identity_id: int | None = None, *, run_id: int | None = None,
+                        finished: bool | None = None) -> int:
+        conditions = self._tracklet_filter(camera_ids, time_range, identity_id, run_id, finished)
+        with self._read() as s:
+            return s.scalar(select(func.count(Tracklet.id)).where(*conditions)) or 0
+
+    def thumbnails(self, tracklet_ids: Iterable[int]) -> dict[int, bytes | None]:
+        """Tracklet thumbnails (JPEG bytes) by id, for a page of search results."""
+        ids = [int(i) for i in tracklet_ids]
+        with self._read() as s:
+            rows = s.execute(select(Tracklet.id, Tracklet.thumbnail).where(Tracklet.id.in_(ids)))
+            return {tid: thumb for tid, thumb in rows}
+
+    def activity(self, camera_id: str | None = None,
+                 bucket_seconds: float = 60.0) -> list[ActivityBucket]:
+        """Tracklets started per time bucket (video seconds), for a timeline; empty buckets omitted."""
+        if bucket_seconds <= 0:
+            raise ValueError(f"bucket_seconds must be > 0, got {bucket_seconds}")
+        ratio = Tracklet.first_time / bucket_seconds
+        # SQLite may lack floor(); CAST truncates, which equals floor for video times >= 0.
+        sqlite = self._engine.dialect.name == "sqlite"
+        bucket = cast(ratio, Integer) if sqlite else func.floor(ratio)
+        query = select(bucket.label("b"), func.count(Tracklet.id)).group_by("b").order_by("b")
+        if camera_id is not None:
+            query = query.where(Tracklet.camera_id == camera_id)
+        with self._read() as s:
+            return [ActivityBucket(start=float(b) * bucket_seconds, count=int(n))
+                    for b, n in s.execute(query)]
+
+    # -- clips -----------------------------------------------------------------------------
+    def add_clips(self, clips: Sequence[NewClip]) -> list[int]:
+        """Store clips in one transaction; returns their ids in input order."""
+        rows = [self._clip_row(i, clip) for i, clip in enumerate(clips)]
+        if not rows:
+            return []
+        with self._write() as s:
+            wanted = {row.tracklet_id for row in rows}
+            found = set(s.scalars(select(Tracklet.id).where(Tracklet.id.in_(wanted))))
+            if wanted - found:
+                raise StorageError(f"cannot add clips: unknown tracklet id(s) {sorted(wanted - found)}")
+            s.add_all(rows)
+            s.flush()
+            return [row.id for row in rows]
+
+    def _clip_row(self, position: int, clip: NewClip) -> Clip:
+        frames = [int(f) for f in clip.frame_indices]
+        where = f"clip {position} (tracklet {clip.tracklet_id})"
+        if not frames:
+            raise ValueError(f"{where}: frame_indices is empty")
+        try:
+            blob, dim = encode_descriptor(clip.descriptor, self._descriptor_dtype)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        boxes = None
+        if clip.boxes is not None:
+            box_list = [[float(v) for v in box] for box in clip.boxes]
+            if len(box_list) != len(frames) or any(len(b) != 4 for b in box_list):
+                raise ValueError(f"{where}: boxes must be one (x1, y1, x2, y2) per frame index")
+            boxes = json.dumps(box_list)
+        keypoints = None
+        if clip.keypoints is not None:
+            kp = np.asarray(clip.keypoints, dtype=np.float32)
+            if kp.ndim != 3 or kp.shape[0] != len(frames) or kp.shape[2] != 3:
+                raise ValueError(f"{where}: keypoints must have shape [T={len(frames)}, K, 3], "
+                                 f"got {kp.shape}")
+            keypoints = kp.astype("<f4").tobytes()
+        return Clip(tracklet_id=int(clip.tracklet_id), frame_indices=json.dumps(frames),
+                    start_time=float(clip.start_time), end_time=float(clip.end_time),
+                    descriptor=blob, descriptor_dtype=self._descriptor_dtype, descriptor_dim=dim,
+                    model_id=clip.model_id, boxes=boxes, keypoints=keypoints,
+                    thumbnail=clip.thumbnail)
+
+    def tracklet_clips(self, tracklet_id: int, *, model_id: str | None = None,
+                       thumbnails: bool = True) -> list[ClipRecord]:
+        """A tracklet's clips in time order, with descriptors, boxes and keypoints."""
+        query = select(Clip).where(Clip.tracklet_id == tracklet_id)
+        if model_id is not None:
+            query = query.where(Clip.model_id == model_id)
+        with self._read() as s:
+            return [_clip_record(c, thumbnails)
+                    for c in s.scalars(query.order_by(Clip.start_time, Clip.id))]
+
+    def tracklet_descriptor(self, tracklet_id: int,
+                            model_id: str | None = None) -> np.ndarray | None:
+        """Mean of the tracklet's clip descriptors (float32), or None when it has no clips."""
+        query = select(Clip.descriptor, Clip.descriptor_dtype, Clip.descriptor_dim,
+                       Clip.model_id).where(Clip.tracklet_id == tracklet_id)
+        if model_id is not None:
+            query = query.where(Clip.model_id == model_id)
+        with self._read() as s:
+            rows = s.execute(query).all()
+        if not rows:
+            return None
+        models = {row[3] for row in rows}
+        if len(models) > 1:
+            raise StorageError(f"tracklet {tracklet_id} has clips of several models "
+                               f"{sorted(models)}; pass model_id")
+        vectors = np.stack([decode_descriptor(b, d, n) for b, d, n, _ in rows])
+        return vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    # -- identities ------------------------------------------------------------------------
+    def create_identity(self, label: str | None = None) -> int:
+        with self._write() as s:
+            identity = Identity(label=label, created_at=utcnow())
+            s.add(identity)
+            s.flush()
+            return identity.id
+
+    def assign_identity(self, tracklet_id: int, identity_id: int, kind: str = "linked",
+                        distance: float | None = None, candidate: int | None = None,
+                        note: str | None = None) -> int:
+        """Set a tracklet's identity and record why; returns the decision id."""
+        if kind not in LINK_KINDS:
+            raise ValueError(f"unknown link kind {kind!r}; expected one of {LINK_KINDS}")
+        with self._write() as s:
+            tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            self._live_identity(s, identity_id)
+            tracklet.identity_id = identity_id
+            return self._decide(s, tracklet_id, identity_id, kind, distance, candidate, note)
+
+    def merge_identities(self, keep_id: int, merge_id: int, note: str | None = None) -> list[int]:
+        """Move every member of `merge_id` to `keep_id`; returns the moved tracklet ids.
+
+        The merged identity stays as a record (`merged_into` = keep_id) so earlier decisions
+        that name it remain explainable; it no longer appears in `list_identities`.
+        """
+        if keep_id == merge_id:
+            raise StorageError(f"cannot merge identity {keep_id} into itself")
+        with self._write() as s:
+            self._live_identity(s, keep_id)
+            merged = self._live_identity(s, merge_id)
+            members = list(s.scalars(select(Tracklet).where(Tracklet.identity_id == merge_id)
+                                     .order_by(Tracklet.id)))
+            for tracklet in members:
+                tracklet.identity_id = keep_id
+                self._decide(s, tracklet.id, keep_id, "merged", None, merge_id, note)
+            merged.merged_into = keep_id
+            return [t.id for t in members]
+
+    def split_tracklet(self, tracklet_id: int, note: str | None = None) -> int:
+        """Move one tracklet out of its identity into a new identity; returns the new id."""
+        with self._write() as s:
+            tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            if tracklet.identity_id is None:
+                raise StorageError(f"tracklet {tracklet_id} has no identity to split from")
+            old = tracklet.identity_id
+            identity = Identity(created_at=utcnow())
+            s.add(identity)
+            s.flush()
+            tracklet.identity_id = identity.id
+            self._decide(s, tracklet_id, identity.id, "split", None, old, note)
+            return identity.id
+
+    def get_identity(self, identity_id: int) -> IdentityRecord | None:
+        with self._read() as s:
+            identity = s.get(Identity, identity_id)
+            if identity is None:
+                return None
+            return self._identity_records(s, [identity])[0]
+
+    def list_identities(self, offset: int = 0, limit: int | None = None) -> list[IdentityRecord]:
+        """Live (not merged-away) identities ordered by id, with member summaries."""
+        query = (select(Identity).where(Identity.merged_into.is_(None))
+                 .order_by(Identity.id).offset(offset).limit(limit))
+        with self._read() as s:
+            return self._identity_records(s, list(s.scalars(query)))
+
+    def count_identities(self) -> int:
+        with self._read() as s:
+            return s.scalar(select(func.count(Identity.id))
+                            .where(Identity.merged_into.is_(None))) or 0
+
+    def identity_members(self, identity_id: int, *, thumbnails: bool = True) -> list[TrackletRecord]:
+        """The identity's tracklets ordered by time (with thumbnails, for a timeline)."""
+        return self.list_tracklets(identity_id=identity_id, thumbnails=thumbnails)
+
+    def link_decisions(self, tracklet_id: int | None = None,
+                       identity_id: int | None = None) -> list[LinkDecisionRecord]:
+        """Decisions in the order made; an identity filter matches the decided or the candidate id."""
+        query = select(LinkDecision).order_by(LinkDecision.id)
+        if tracklet_id is not None:
+            query = query.where(LinkDecision.tracklet_id == tracklet_id)
+        if identity_id is not None:
+            query = query.where(or_(LinkDecision.identity_id == identity_id,
+                                    LinkDecision.candidate_identity_id == identity_id))
+        with self._read() as s:
+            return [
+                LinkDecisionRecord(id=d.id, tracklet_id=d.tracklet_id, identity_id=d.identity_id,
+                                   kind=d.kind, distance=d.distance,
+                                   candidate_identity_id=d.candidate_identity_id,
+                                   created_at=_aware(d.created_at), note=d.note)
+                for d in s.scalars(query)
+            ]
+
+    def _identity_records(self, s: Session, identities: list[Identity]) -> list[IdentityRecord]:
+        ids = [i.id for i in identities]
+        summary = {
+            iid: (n, t0, t1) for iid, n, t0, t1 in s.execute(
+                select(Tracklet.identity_id, func.count(Tracklet.id), func.min(Tracklet.first_time),
+                       func.max(Tracklet.last_time))
+                .where(Tracklet.identity_id.in_(ids)).group_by(Tracklet.identity_id))
+        }
+        cameras: dict[int, list[str]] = {}
+        for iid, cam in s.execute(select(Tracklet.identity_id, Tracklet.camera_id).distinct()
+                                  .where(Tracklet.identity_id.in_(ids))
+                                  .order_by(Tracklet.camera_id)):
+            cameras.setdefault(iid, []).append(cam)
+        records = []
+        for identity in identities:
+            n, t0, t1 = summary.get(identity.id, (0, None, None))
+            records.append(IdentityRecord(
+                id=identity.id, created_at=_aware(identity.created_at), label=identity.label,
+                member_count=n, camera_ids=tuple(cameras.get(identity.id, ())), first_time=t0,
+                last_time=t1, merged_into=identity.merged_into))
+        return records
+
+    def _live_identity(self, s: Session, identity_id: int) -> Identity:
+        identity = self._get(s, Identity, identity_id, "identity")
+        if identity.merged_into is not None:
+            raise StorageError(
+                f"identity {identity_id} was merged into {identity.merged_into}; use that one"
+            )
+        return identity
+
+    @staticmethod
+    def _decide(s: Session, tracklet_id: int, identity_id: int, kind: str,
+                distance: float | None, candidate: int | None, note: str | None) -> int:
+        decision = LinkDecision(tracklet_id=tracklet_id, identity_id=identity_id, kind=kind,
+                                distance=None if distance is None else float(distance),
+                                candidate_identity_id=candidate, note=note, created_at=utcnow())
+        s.add(decision)
+        s.flush()
+        return decision.id
+
+    @staticmethod
+    def _get(s: Session, model, key, what: str):
+        row = s.get(model, key)
+        if row is None:
+            raise StorageError(f"unknown {what} {key!r}")
+        return row
+
+    # -- statistics and search -------------------------------------------------------------
+    def stats(self) -> StorageStats:
+        with self._read() as s:
+            count = lambda column, *where: s.scalar(select(func.count(column)).where(*where)) or 0
+            return StorageStats(
+                cameras=count(Camera.id), runs=count(Run.id), tracklets=count(Tracklet.id),
+                clips=count(Clip.id),
+                identities=count(Identity.id, Identity.merged_into.is_(None)))
+
+    def model_ids(self) -> list[str]:
+        """Distinct model ids of stored clips."""
+        with self._read() as s:
+            return sorted(s.scalars(select(Clip.model_id).distinct()))
+
+    def gallery_index(self, model_id: str | None = None, *,
+                      camera_ids: Iterable[str] | None = None,
+                      time_range: tuple[float, float] | None = None,
+                      batch_rows: int = 10_000) -> GalleryIndex:
+        """Load clip descriptors (one model) into memory for repeated searches."""
+        if model_id is None:
+            models = self.model_ids()
+            if len(models) > 1:
+                raise StorageError(f"{self.url} holds clips of several models {models}; "
+                                   "choose one with model_id")
+            model_id = models[0] if models else None
+        conditions = [Clip.model_id == model_id]
+        if camera_ids is not None:
+            conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
+        if time_range is not None:
+            conditions += [Clip.start_time <= time_range[1], Clip.end_time >= time_range[0]]
+        query = (select(Clip.id, Clip.tracklet_id, Tracklet.camera_id, Clip.start_time,
+                        Clip.end_time, Clip.descriptor, Clip.descriptor_dtype, Clip.descriptor_dim)
+                 .join(Tracklet, Tracklet.id == Clip.tracklet_id).where(*conditions)
+                 .order_by(Clip.id).execution_options(yield_per=batch_rows))
+        meta: list[tuple] = []
+        blocks: list[np.ndarray] = []
+        dim: int | None = None
+        with self._read() as s:
+            for rows in s.execute(query).partitions():
+                for row in rows:
+                    if dim is None:
+                        dim = row.descriptor_dim
+                    elif row.descriptor_dim != dim:
+                        raise StorageError(f"model {model_id!r} has descriptors of dimensions "
+                                           f"{dim} and {row.descriptor_dim} (clip {row.id})")
+                block = np.empty((len(rows), dim), dtype=np.float32)
+                for i, row in enumerate(rows):
+                    block[i] = decode_descriptor(row.descriptor, row.descriptor_dtype, dim)
+                    meta.append((row.id, row.tracklet_id, row.camera_id, row.start_time,
+                                 row.end_time))
+                blocks.append(block)
+            tracklet_ids = sorted({m[1] for m in meta})
+            tracklets = {}
+            for start in range(0, len(tracklet_ids), 30_000):
+                chunk = tracklet_ids[start:start + 30_000]
+                for t in s.execute(select(Tracklet.id, Tracklet.camera_id, Tracklet.track_id,
+                                          Tracklet.first_time, Tracklet.last_time,
+                                          Tracklet.identity_id).where(Tracklet.id.in_(chunk))):
+                    tracklets[t.id] = (t.camera_id, t.track_id, t.first_time, t.last_time,
+                                       t.identity_id)
+        columns = list(zip(*meta)) if meta else [(), (), (), (), ()]
+        return GalleryIndex(
+            descriptors=np.concatenate(blocks) if blocks else np.zeros((0, dim or 0), np.float32),
+            clip_ids=np.asarray(columns[0], dtype=np.int64),
+            tracklet_ids=np.asarray(columns[1], dtype=np.int64),
+            camera_ids=np.asarray(columns[2], dtype=object),
+            start_times=np.asarray(columns[3], dtype=np.float64),
+            end_times=np.asarray(columns[4], dtype=np.float64),
+            tracklets=tracklets, model_id=model_id)
+
+    def search_tracklets(self, query: np.ndarray, k: int = 20, *, model_id: str | None = None,
+                         camera_ids: Iterable[str] | None = None,
+                         time_range: tuple[float, float] | None = None,
+                         exclude_camera_id: str | None = None,
+                         exclude_tracklet_id: int | None = None,
+                         max_distance: float | None = None) -> list[SearchHit]:
+        """Rank tracklets by their best clip's distance to `query` [D].
+
+        Loads the gallery for this one search; for repeated searches keep a `gallery_index`.
+        """
+        index = self.gallery_index(model_id, camera_ids=camera_ids, time_range=time_range)
+        return index.search(query, k, exclude_camera_id=exclude_camera_id,
+                            exclude_tracklet_id=exclude_tracklet_id, max_distance=max_distance)
+
+
+def _camera_record(c: Camera) -> CameraRecord:
+    return CameraRecord(
+        id=c.id, name=c.name, source=c.source,
+        crop=None if c.crop is None else tuple(json.loads(c.crop)),
+        created_at=_aware(c.created_at), status=c.status, last_frame_time=c.last_frame_time,
+        last_frame_index=c.last_frame_index, fps=c.fps, frames_processed=c.frames_processed or 0,
+        updated_at=_aware(c.updated_at))
+
+
+def _tracklet_record(t: Tracklet, with_thumbnail: bool) -> TrackletRecord:
+    return TrackletRecord(
+        id=t.id, run_id=t.run_id, camera_id=t.camera_id, track_id=t.track_id,
+        first_frame=t.first_frame, last_frame=t.last_frame, first_time=t.first_time,
+        last_time=t.last_time, created_at=_aware(t.created_at), identity_id=t.identity_id,
+        finished=bool(t.finished), thumbnail=t.thumbnail if with_thumbnail else None)
+
+
+def _clip_record(c: Clip, with_thumbnail: bool) -> ClipRecord:
+    frames = tuple(json.loads(c.frame_indices))
+    keypoints = None
+    if c.keypoints is not None:
+        keypoints = np.frombuffer(c.keypoints, dtype="<f4").astype(np.float32)
+        keypoints = keypoints.reshape(len(frames), -1, 3)
+        keypoints.flags.writeable = False
+    return ClipRecord(
+        id=c.id, tracklet_id=c.tracklet_id, frame_indices=frames, start_time=c.start_time,
+        end_time=c.end_time,
+        descriptor=decode_descriptor(c.descriptor, c.descriptor_dtype, c.descriptor_dim),
+        descriptor_dtype=c.descriptor_dtype, descriptor_dim=c.descriptor_dim, model_id=c.model_id,
+        boxes=None if c.boxes is None else tuple(tuple(b) for b in json.loads(c.boxes)),
+        keypoints=keypoints, thumbnail=c.thumbnail if with_thumbnail else None)
+
+
+def _check_version(version: int | None, url: str, *, readonly: bool) -> None:
+    if version is not None and version > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"database {url} has schema version {version}, this program supports "
+            f"{SCHEMA_VERSION}; upgrade keyreid (the database was left untouched)"
+        )
+    if readonly and version is None:
+        raise StorageError(f"database {url} has no keyreid schema yet "
+                           "(start keyreid-watch on it first)")
+    if readonly and version < SCHEMA_VERSION:
+        raise SchemaTooOldError(
+            f"database {url} has schema version {version}, this program needs "
+            f"{SCHEMA_VERSION}; open it once with keyreid-watch to migrate it"
+        )
+
+
+def _prepare_schema(engine: Engine, url: str) -> int:
+    """Create or migrate the schema in one write transaction; returns the resulting version."""
+    with engine.begin() as conn:
+        version = read_schema_version(conn)
+        _check_version(version, url, readonly=False)
+        if version is None:
+            existing = sorted(inspect(conn).get_table_names())
+            if existing:
+                raise StorageError(f"database {url} has tables {existing} but no keyreid schema "
+                                   "version; refusing to use a database of another program")
+            Base.metadata.create_all(conn)
+            write_schema_version(conn, SCHEMA_VERSION)
+        elif version < SCHEMA_VERSION:
+            upgrade(conn, version)
+    return SCHEMA_VERSION
+
+
+def _stored_version(url: str) -> int | None:
+    """The schema version read through a read-only connection (None: no file or no schema)."""
+    engine = create_storage_engine(url, readonly=True)
+    try:
+        with engine.connect() as conn:
+            return read_schema_version(conn)
+    finally:
+        engine.dispose()
+
+
+def open_repository(url: str = DEFAULT_URL, *, readonly: bool = False,
+                    descriptor_dtype: str = "float16") -> Repository:
+    """Open (and as a writer, create or migrate) the database at `url`.
+
+    readonly=True never writes: it is what the dashboard uses beside a running watcher.
+    `descriptor_dtype` ("float16" or "float32") is how this repository stores new descriptors.
+    Raises StorageError (bad URL, missing or foreign database), SchemaTooNewError.
+    """
+    if descriptor_dtype not in _DTYPES:
+        raise ValueError(f"descriptor_dtype must be one of {sorted(_DTYPES)}, "
+                         f"got {descriptor_dtype!r}")
+    shown = display_url(url)
+    engine = None
+    try:
+        if readonly:
+            engine = create_storage_engine(url, readonly=True)
+            with engine.connect() as conn:
+                version = read_schema_version(conn)
+            _check_version(version, shown, readonly=True)
+        else:
+            path = sqlite_path(make_url(url)) if validate_database_url(url) is None else None
+            if path is not None and path.exists() and path.stat().st_size > 0:
+                # Check before the writer's pragmas (WAL) touch the file.
+                _check_version(_stored_version(url), shown, readonly=False)
+            engine = create_storage_engine(url, readonly=False)
+            version = _prepare_schema(engine, shown)
+    except StorageError:
+        if engine is not None:
+            engine.dispose()
+        raise
+    except SQLAlchemyError as exc:
+        if engine is not None:
+            engine.dispose()
+        reason = getattr(exc, "orig", None) or exc
+        raise StorageError(f"cannot open database {shown}: {reason}") from exc
+    return Repository(engine, url, readonly=readonly, descriptor_dtype=descriptor_dtype,
+                      schema_version=version)

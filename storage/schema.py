@@ -1,0 +1,194 @@
+"""Database schema (SQLAlchemy 2.x declarative) and its versioned migrations.
+
+The schema version lives in `schema_meta`. A fresh database gets `create_all` and is stamped
+with `SCHEMA_VERSION`; an existing older one is upgraded by the ordered `MIGRATIONS`, each a
+function applied inside the same transaction as the version bump (SQLite DDL is
+transactional, so a crash mid-migration leaves the old version intact). A database with a
+newer version is refused before anything touches it: an older program must never "repair" a
+schema it does not understand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Connection,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    inspect,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .errors import StorageError
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaMeta(Base):
+    __tablename__ = "schema_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Camera(Base):
+    __tablename__ = "cameras"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(Text)
+    crop: Mapped[str | None] = mapped_column(Text)  # JSON [x, y, w, h]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str | None] = mapped_column(Text)
+    last_frame_time: Mapped[float | None] = mapped_column(Float)
+    last_frame_index: Mapped[int | None] = mapped_column(Integer)
+    fps: Mapped[float | None] = mapped_column(Float)
+    frames_processed: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(Text, default="running")
+    config: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+    pid: Mapped[int | None] = mapped_column(Integer)
+    hostname: Mapped[str | None] = mapped_column(String(256))
+
+
+class Identity(Base):
+    __tablename__ = "identities"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    label: Mapped[str | None] = mapped_column(Text)
+    # Set when this identity was merged into another; kept so old decisions stay explainable.
+    merged_into: Mapped[int | None] = mapped_column(ForeignKey("identities.id"))
+
+
+class Tracklet(Base):
+    __tablename__ = "tracklets"
+    __table_args__ = (
+        UniqueConstraint("run_id", "camera_id", "track_id", name="uq_tracklet_run_camera_track"),
+        Index("ix_tracklets_camera_time", "camera_id", "first_time"),
+        Index("ix_tracklets_time", "first_time"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    camera_id: Mapped[str] = mapped_column(ForeignKey("cameras.id"))
+    track_id: Mapped[int] = mapped_column(Integer)
+    first_frame: Mapped[int] = mapped_column(Integer)
+    last_frame: Mapped[int] = mapped_column(Integer)
+    first_time: Mapped[float] = mapped_column(Float)
+    last_time: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)
+    identity_id: Mapped[int | None] = mapped_column(ForeignKey("identities.id"), index=True)
+    finished: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Clip(Base):
+    __tablename__ = "clips"
+    __table_args__ = (
+        CheckConstraint("descriptor_dtype IN ('float16', 'float32')", name="ck_clip_dtype"),
+        CheckConstraint("descriptor_dim > 0", name="ck_clip_dim"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tracklet_id: Mapped[int] = mapped_column(ForeignKey("tracklets.id"), index=True)
+    frame_indices: Mapped[str] = mapped_column(Text)  # JSON list of ints
+    start_time: Mapped[float] = mapped_column(Float)
+    end_time: Mapped[float] = mapped_column(Float)
+    descriptor: Mapped[bytes] = mapped_column(LargeBinary)
+    descriptor_dtype: Mapped[str] = mapped_column(String(16))
+    descriptor_dim: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(String(256), index=True)
+    boxes: Mapped[str | None] = mapped_column(Text)  # JSON [[x1, y1, x2, y2], ...] per frame
+    keypoints: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 [T, K, 3]
+    thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class LinkDecision(Base):
+    __tablename__ = "link_decisions"
+    __table_args__ = (
+        CheckConstraint("kind IN ('new', 'linked', 'merged', 'split')", name="ck_link_kind"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tracklet_id: Mapped[int] = mapped_column(ForeignKey("tracklets.id"), index=True)
+    identity_id: Mapped[int] = mapped_column(ForeignKey("identities.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    distance: Mapped[float | None] = mapped_column(Float)
+    candidate_identity_id: Mapped[int | None] = mapped_column(ForeignKey("identities.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """Upgrade from `version - 1` to `version`; `apply` runs inside the migration transaction."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+# Ordered upgrades for databases created by older releases. Version 1 is the first released
+# schema, so there is nothing to upgrade yet; version 2 will append Migration(2, ..., fn) here.
+MIGRATIONS: tuple[Migration, ...] = ()
+
+
+def read_schema_version(conn: Connection) -> int | None:
+    """The stored schema version, or None when the database has no `schema_meta` table."""
+    if not inspect(conn).has_table(SchemaMeta.__tablename__):
+        return None
+    value = conn.execute(
+        select(SchemaMeta.__table__.c.value).where(SchemaMeta.__table__.c.key == "schema_version")
+    ).scalar_one_or_none()
+    return None if value is None else int(value)
+
+
+def write_schema_version(conn: Connection, version: int) -> None:
+    table = SchemaMeta.__table__
+    updated = conn.execute(
+        table.update().where(table.c.key == "schema_version").values(value=str(version))
+    ).rowcount
+    if not updated:
+        conn.execute(table.insert().values(key="schema_version", value=str(version)))
+
+
+def upgrade(
+    conn: Connection,
+    current: int,
+    target: int = SCHEMA_VERSION,
+    migrations: tuple[Migration, ...] = MIGRATIONS,
+) -> list[Migration]:
+    """Apply every migration in (current, target] in order and stamp `target`; returns them."""
+    steps = [m for m in migrations if current < m.version <= target]
+    expected = list(range(current + 1, target + 1))
+    if [m.version for m in sorted(steps, key=lambda m: m.version)] != expected:
+        raise StorageError(
+            f"no complete migration path from schema version {current} to {target} "
+            f"(have {[m.version for m in migrations]})"
+        )
+    for step in sorted(steps, key=lambda m: m.version):
+        step.apply(conn)
+        write_schema_version(conn, step.version)
+    return steps

@@ -1,0 +1,229 @@
+"""Exact nearest-neighbour search over stored descriptors.
+
+`nearest` is the one search function: the dashboard's tracklet search and the identity linker
+both use it, so both rank the same way. It is exact Euclidean search, chunked over the gallery
+so a million descriptors never materialise a Q x N distance matrix, using
+||q||^2 + ||g||^2 - 2 q.g with a float32 matmul (BLAS), clamped at 0 before the square root.
+
+Ties are broken by gallery index, reproducibly: each distance is packed with its index into
+one uint64 key (the bits of a non-negative float32 sort like the float), so partial selection
+and the final sort order by (distance, index) exactly, in every chunk and across chunks.
+
+An exact FAISS `IndexFlatL2` is used instead when `faiss` is importable, the gallery is large
+and no `valid` mask is given. FAISS is optional and not a dependency.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .records import SearchHit
+
+FAISS_MIN_GALLERY = 200_000
+_BLOCK_ELEMENTS = 8 * 1024 * 1024  # distance block size (float32 elements) per chunk
+_CONVERT_ELEMENTS = 16 * 1024 * 1024  # float32 elements of gallery converted per chunk
+_INDEX_MASK = np.uint64(0xFFFFFFFF)
+
+
+def _check_inputs(queries: np.ndarray, gallery: np.ndarray, k: int, valid) -> None:
+    if queries.ndim != 2 or gallery.ndim != 2:
+        raise ValueError(
+            f"queries and gallery must be 2-D, got shapes {queries.shape} and {gallery.shape}"
+        )
+    if queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"descriptor dimensions differ: queries {queries.shape[1]}, gallery {gallery.shape[1]}"
+        )
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if gallery.shape[0] >= 2**32:
+        raise ValueError("gallery larger than 2**32 rows is not supported")
+    if valid is not None and valid.shape != (gallery.shape[0],):
+        raise ValueError(f"valid mask shape {valid.shape} != ({gallery.shape[0]},)")
+    if not np.all(np.isfinite(queries)):
+        raise ValueError("queries contain NaN or infinite values")
+
+
+def _keys(dist: np.ndarray, offset: int) -> np.ndarray:
+    """Pack non-negative float32 distances and their gallery indices into sortable uint64 keys."""
+    keys = dist.view(np.uint32).astype(np.uint64) << np.uint64(32)
+    keys |= np.arange(offset, offset + dist.shape[1], dtype=np.uint64)
+    return keys
+
+
+def _smallest(keys: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest keys of each row, unsorted."""
+    if keys.shape[1] <= k:
+        return keys
+    return np.partition(keys, k - 1, axis=1)[:, :k]
+
+
+def _nearest_faiss(faiss, queries: np.ndarray, gallery: np.ndarray, k: int):
+    index = faiss.IndexFlatL2(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    d2, idx = index.search(queries, k)
+    return np.sqrt(np.maximum(d2, 0)).astype(np.float32), idx.astype(np.int64)
+
+
+def nearest(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    *,
+    valid: np.ndarray | None = None,
+    gallery_sq_norms: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest gallery rows of each query by Euclidean distance.
+
+    queries: [Q, D] float; gallery: [N, D] float16 or float32; valid: optional bool [N], False
+    rows are never returned; gallery_sq_norms: optional precomputed float32 ||g||^2 [N].
+    Returns (distances [Q, k'] float32 ascending, indices [Q, k'] int64) with
+    k' = min(k, number of valid rows): fewer rows than k are returned, never padded.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    gallery = np.asarray(gallery)
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+    _check_inputs(queries, gallery, k, valid)
+    n = gallery.shape[0]
+    k = min(k, n if valid is None else int(valid.sum()))
+    q = queries.shape[0]
+    if k == 0 or q == 0:
+        return np.zeros((q, k), np.float32), np.zeros((q, k), np.int64)
+    if valid is None and n >= FAISS_MIN_GALLERY:
+        try:
+            import faiss  # optional; exact flat index
+        except ImportError:
+            pass
+        else:
+            return _nearest_faiss(faiss, queries, gallery, k)
+
+    dim = gallery.shape[1]
+    q_norms = np.einsum("ij,ij->i", queries, queries)[:, None]
+    chunk = max(256, min(_BLOCK_ELEMENTS // q, _CONVERT_ELEMENTS // max(dim, 1)))
+    best: np.ndarray | None = None
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        block = gallery[start:stop]
+        if block.dtype != np.float32:
+            block = block.astype(np.float32)
+        if gallery_sq_norms is None:
+            g_norms = np.einsum("ij,ij->i", block, block)
+        else:
+            g_norms = np.asarray(gallery_sq_norms[start:stop], dtype=np.float32)
+        d = queries @ block.T
+        d *= -2.0
+        d += q_norms
+        d += g_norms[None, :]
+        np.maximum(d, 0.0, out=d)
+        np.sqrt(d, out=d)
+        d += 0.0  # turns -0.0 into +0.0 so the packed keys order correctly
+        if valid is not None:
+            d[:, ~valid[start:stop]] = np.inf
+        keys = _smallest(_keys(d, start), k)
+        best = keys if best is None else _smallest(np.concatenate([best, keys], axis=1), k)
+    best.sort(axis=1)
+    indices = (best & _INDEX_MASK).astype(np.int64)
+    distances = (best >> np.uint64(32)).astype(np.uint32).view(np.float32)
+    return distances, indices
+
+
+@dataclass(frozen=True, eq=False)
+class GalleryIndex:
+    """Clip descriptors held in memory for repeated tracklet searches (e.g. by the dashboard).
+
+    Built by `Repository.gallery_index`. Arrays are aligned per clip; `tracklets` maps a
+    tracklet id to (camera_id, track_id, first_time, last_time, identity_id) at build time.
+    """
+
+    descriptors: np.ndarray  # [N, D] float32
+    clip_ids: np.ndarray  # [N] int64
+    tracklet_ids: np.ndarray  # [N] int64
+    camera_ids: np.ndarray  # [N] object (str)
+    start_times: np.ndarray  # [N] float64, clip start (video seconds)
+    end_times: np.ndarray  # [N] float64, clip end
+    tracklets: dict[int, tuple[str, int, float, float, int | None]]
+    model_id: str | None
+    sq_norms: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        norms = np.einsum("ij,ij->i", self.descriptors, self.descriptors).astype(np.float32)
+        object.__setattr__(self, "sq_norms", norms)
+
+    @property
+    def size(self) -> int:
+        return int(self.descriptors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.descriptors.shape[1])
+
+    def _mask(
+        self,
+        camera_ids,
+        exclude_camera_id: str | None,
+        exclude_tracklet_id: int | None,
+        time_range: tuple[float, float] | None,
+    ) -> np.ndarray | None:
+        mask = np.ones(self.size, dtype=bool)
+        if camera_ids is not None:
+            mask &= np.isin(self.camera_ids, list(camera_ids))
+        if exclude_camera_id is not None:
+            mask &= self.camera_ids != exclude_camera_id
+        if exclude_tracklet_id is not None:
+            mask &= self.tracklet_ids != exclude_tracklet_id
+        if time_range is not None:
+            # A clip matches a time range when it overlaps it.
+            mask &= (self.start_times <= time_range[1]) & (self.end_times >= time_range[0])
+        return None if mask.all() else mask
+
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        *,
+        camera_ids=None,
+        exclude_camera_id: str | None = None,
+        exclude_tracklet_id: int | None = None,
+        time_range: tuple[float, float] | None = None,
+        max_distance: float | None = None,
+    ) -> list[SearchHit]:
+        """The k best tracklets for one query descriptor [D], ranked by best clip distance.
+
+        Clips are ranked with `nearest`; the first k distinct tracklets in that order are
+        exactly the k tracklets with the smallest best-clip distance. The clip depth doubles
+        until k tracklets are found or the gallery is exhausted.
+        """
+        query = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        if self.size and query.shape[1] != self.dim:
+            raise ValueError(f"query has dimension {query.shape[1]}, gallery {self.dim}")
+        valid = self._mask(camera_ids, exclude_camera_id, exclude_tracklet_id, time_range)
+        available = self.size if valid is None else int(valid.sum())
+        depth = min(available, max(4 * k, 16))
+        while True:
+            dist, idx = nearest(query, self.descriptors, depth, valid=valid,
+                                gallery_sq_norms=self.sq_norms)
+            hits: list[SearchHit] = []
+            seen: set[int] = set()
+            for d, i in zip(dist[0], idx[0]):
+                if max_distance is not None and d > max_distance:
+                    break
+                tid = int(self.tracklet_ids[i])
+                if tid in seen:
+                    continue
+                seen.add(tid)
+                camera_id, track_id, first_time, last_time, identity_id = self.tracklets[tid]
+                hits.append(SearchHit(
+                    rank=len(hits) + 1, distance=float(d), tracklet_id=tid,
+                    clip_id=int(self.clip_ids[i]), camera_id=camera_id, track_id=track_id,
+                    first_time=first_time, last_time=last_time, identity_id=identity_id,
+                ))
+                if len(hits) == k:
+                    return hits
+            exhausted = depth >= available or (
+                max_distance is not None and len(dist[0]) and dist[0, -1] > max_distance
+            )
+            if exhausted:
+                return hits
+            depth = min(available, depth * 2)
