@@ -57,8 +57,9 @@ class Clip:
     `keypoints` is float32 [T, 17, 3] in the resized crop's pixel coordinates (score 0 where
     unknown or outside the crop). `frame_indices` and `times` refer to the source frames the
     crops came from; they are strictly increasing whenever the track had at least T frames to
-    choose from (a short final clip repeats frames and so repeats indices). `final` marks the
-    last clip of a track (lost or source ended).
+    choose from (a short final clip repeats frames and so repeats indices). `final` marks a
+    clip cut because its track ended (lost or source ended); a track whose last observations
+    were all in an earlier clip ends without one (its `TrackletUpdate` says it ended).
     """
 
     camera_id: str
