@@ -40,10 +40,10 @@ def display_url(url: URL | str) -> str:
 
 
 def sqlite_path(url: URL) -> Path | None:
-    """The database file of a SQLite URL (None for other dialects)."""
+    """The database file of a SQLite URL (None for other dialects and in-memory SQLite)."""
     if url.get_backend_name() != "sqlite":
         return None
-    return Path(url.database or "").expanduser()
+    return Path(url.database).expanduser() if url.database else None
 
 
 def validate_database_url(url: str, *, readonly: bool = False) -> str | None:
@@ -60,14 +60,14 @@ def validate_database_url(url: str, *, readonly: bool = False) -> str | None:
         return f"database URL {shown!r}: unknown database dialect {parsed.drivername!r}"
     except ImportError as exc:
         return f"database URL {shown!r}: its driver is not installed ({exc})"
-    path = sqlite_path(parsed)
-    if path is None:
+    if parsed.get_backend_name() != "sqlite":
         return None
-    if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+    if parsed.database in (None, "", ":memory:") or parsed.database.startswith("file:"):
         return (
             f"database URL {shown!r}: give a SQLite file path such as sqlite:///keyreid.db "
             "(in-memory and URI forms are not supported: other processes could not share them)"
         )
+    path = Path(parsed.database).expanduser()
     if path.exists():
         if not path.is_file():
             return f"database URL {shown!r}: {path} is not a file"

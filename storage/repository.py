@@ -49,6 +49,7 @@ from .records import (
     TrackletRecord,
 )
 from .schema import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     Base,
     Camera,
@@ -83,7 +84,8 @@ def encode_descriptor(descriptor: np.ndarray, dtype: str) -> tuple[bytes, int]:
         vector = vector[0]
     if vector.ndim != 1 or vector.size == 0:
         raise ValueError(f"a descriptor must be a non-empty 1-D vector, got shape {vector.shape}")
-    stored = vector.astype(_DTYPES[dtype])
+    with np.errstate(over="ignore"):
+        stored = vector.astype(_DTYPES[dtype])
     if not np.all(np.isfinite(stored)):
         detail = "is not finite" if not np.all(np.isfinite(vector)) else f"overflows {dtype}"
         raise ValueError(f"descriptor {detail} (max |value| {np.nanmax(np.abs(vector)):.3g})")
@@ -713,7 +715,7 @@ def _prepare_schema(engine: Engine, url: str) -> int:
             Base.metadata.create_all(conn)
             write_schema_version(conn, SCHEMA_VERSION)
         elif version < SCHEMA_VERSION:
-            upgrade(conn, version)
+            upgrade(conn, version, SCHEMA_VERSION, MIGRATIONS)
     return SCHEMA_VERSION
 
 

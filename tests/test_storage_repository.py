@@ -1,0 +1,228 @@
+"""Round trips of every repository write/read method on a temporary SQLite file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from storage import (
+    NewClip,
+    ReadOnlyError,
+    StorageError,
+    open_repository,
+)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    with open_repository(f"sqlite:///{tmp_path / 'k.db'}") as r:
+        yield r
+
+
+def _clip(tracklet_id, t0, desc, model="m1", frames=(0, 1, 2, 3)):
+    return NewClip(tracklet_id=tracklet_id, frame_indices=list(frames), start_time=t0,
+                   end_time=t0 + 1.0, descriptor=np.asarray(desc, np.float32), model_id=model)
+
+
+def test_runs_and_cameras_round_trip(repo):
+    run = repo.start_run({"cameras": ["a"], "threshold": 0.5})
+    repo.upsert_camera("a", "Gate", "/v.avi", crop=(0, 0, 384, 576))
+    repo.upsert_camera("b", source="rtsp://x")
+    repo.update_camera_status("a", status="running", fps=9.5, last_frame_index=10,
+                              last_frame_time=1.0, frames_processed=11)
+    repo.upsert_camera("a", "Gate 2", "/v.avi")  # description update keeps the live status
+    repo.finish_run(run, "finished")
+    (record,) = repo.list_runs()
+    assert record.id == run and record.status == "finished" and record.ended_at is not None
+    assert record.config == {"cameras": ["a"], "threshold": 0.5} and record.pid > 0
+    a, b = repo.list_cameras()
+    assert (a.id, a.name, a.source, a.crop) == ("a", "Gate 2", "/v.avi", None)
+    assert (a.status, a.fps, a.last_frame_index, a.frames_processed) == ("running", 9.5, 10, 11)
+    assert a.updated_at is not None and a.created_at.tzinfo is not None
+    assert (b.name, b.status, b.frames_processed) == ("b", None, 0)
+    with pytest.raises(ValueError, match="unknown camera status field"):
+        repo.update_camera_status("a", colour="red")
+    with pytest.raises(StorageError, match="unknown camera 'zz'"):
+        repo.update_camera_status("zz", status="x")
+
+
+def test_tracklets_round_trip_filters_and_pagination(repo):
+    run = repo.start_run({})
+    repo.upsert_camera("a")
+    repo.upsert_camera("b")
+    ids = [repo.add_tracklet(run, "a" if i % 2 else "b", i, i * 10, float(i * 10))
+           for i in range(10)]
+    repo.update_tracklet(ids[3], last_frame=99, last_time=95.0, thumbnail=b"\xff\xd8jpeg",
+                         finished=True)
+    t = repo.get_tracklet(ids[3])
+    assert (t.camera_id, t.track_id, t.first_frame, t.last_frame) == ("a", 3, 30, 99)
+    assert (t.first_time, t.last_time, t.finished, t.thumbnail) == (30.0, 95.0, True, b"\xff\xd8jpeg")
+    assert repo.get_tracklet(12345) is None
+    assert [x.id for x in repo.list_tracklets()] == ids
+    assert [x.id for x in repo.list_tracklets(offset=2, limit=3)] == ids[2:5]
+    assert [x.track_id for x in repo.list_tracklets(camera_ids=["a"])] == [1, 3, 5, 7, 9]
+    # time range keeps overlapping tracklets: #3 spans 30..95
+    assert [x.track_id for x in repo.list_tracklets(time_range=(60, 75))] == [3, 6, 7]
+    assert repo.count_tracklets(camera_ids=["b"], time_range=(0, 45)) == 3
+    assert repo.count_tracklets(finished=True) == 1
+    assert repo.list_tracklets(limit=1)[0].thumbnail is None
+    assert repo.list_tracklets(camera_ids=["a"], limit=2, offset=1, thumbnails=True)[0].thumbnail
+    assert repo.thumbnails([ids[3], ids[4]]) == {ids[3]: b"\xff\xd8jpeg", ids[4]: None}
+    buckets = repo.activity("a", 25.0)
+    assert [(b.start, b.count) for b in buckets] == [(0.0, 1), (25.0, 1), (50.0, 2), (75.0, 1)]  # t=10,30,50,70,90
+    assert sum(b.count for b in repo.activity(None, 1000.0)) == 10
+    with pytest.raises(StorageError, match="already has track id 3"):
+        repo.add_tracklet(run, "a", 3, 0, 0.0)
+    with pytest.raises(StorageError, match="unknown camera"):
+        repo.add_tracklet(run, "nope", 1, 0, 0.0)
+
+
+@pytest.mark.parametrize("dtype, atol", [("float16", 2e-3), ("float32", 0.0)])
+def test_clip_descriptor_round_trip(tmp_path, dtype, atol):
+    rng = np.random.default_rng(0)
+    with open_repository(f"sqlite:///{tmp_path / 'k.db'}", descriptor_dtype=dtype) as repo:
+        run = repo.start_run({})
+        repo.upsert_camera("a")
+        t = repo.add_tracklet(run, "a", 1, 0, 0.0)
+        descs = rng.standard_normal((3, 20)).astype(np.float32)
+        kps = rng.random((4, 17, 3)).astype(np.float32)
+        clips = [_clip(t, i, descs[i], frames=(4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3))
+                 for i in range(3)]
+        clips[0] = NewClip(t, [0, 1, 2, 3], 0.0, 1.0, descs[0], "m1",
+                           boxes=[(1, 2, 3, 4)] * 4, keypoints=kps, thumbnail=b"jpg")
+        ids = repo.add_clips(clips)
+        assert len(ids) == 3 and ids == sorted(ids)
+        got = repo.tracklet_clips(t)
+        assert [c.id for c in got] == ids
+        for clip, want in zip(got, descs):
+            assert clip.descriptor.dtype == np.float32 and clip.descriptor.shape == (20,)
+            assert (clip.descriptor_dtype, clip.descriptor_dim, clip.model_id) == (dtype, 20, "m1")
+            np.testing.assert_allclose(clip.descriptor, want, rtol=atol, atol=atol)
+            assert not clip.descriptor.flags.writeable
+        assert got[0].boxes == ((1.0, 2.0, 3.0, 4.0),) * 4 and got[0].thumbnail == b"jpg"
+        np.testing.assert_array_equal(got[0].keypoints, kps)
+        assert got[1].boxes is None and got[1].keypoints is None
+        assert got[2].frame_indices == (8, 9, 10, 11)
+        mean = repo.tracklet_descriptor(t)
+        assert mean.dtype == np.float32
+        np.testing.assert_allclose(mean, descs.mean(0), atol=2 * atol + 1e-6)
+        assert repo.tracklet_descriptor(repo.add_tracklet(run, "a", 2, 0, 0.0)) is None
+
+
+def test_add_clips_rejects_bad_input_and_writes_nothing(repo):
+    run = repo.start_run({})
+    repo.upsert_camera("a")
+    t = repo.add_tracklet(run, "a", 1, 0, 0.0)
+    with pytest.raises(ValueError, match="overflows float16"):
+        repo.add_clips([_clip(t, 0, [1.0, 1e6])])
+    with pytest.raises(ValueError, match="not finite"):
+        repo.add_clips([_clip(t, 0, [1.0, np.nan])])
+    with pytest.raises(ValueError, match="keypoints must have shape"):
+        repo.add_clips([NewClip(t, [0, 1], 0, 1, np.ones(4), "m", keypoints=np.zeros((3, 17, 3)))])
+    with pytest.raises(StorageError, match=r"unknown tracklet id\(s\) \[999\]"):
+        repo.add_clips([_clip(t, 0, [1.0, 2.0]), _clip(999, 0, [1.0, 2.0])])
+    assert repo.stats().clips == 0
+    assert repo.add_clips([]) == []
+
+
+def test_tracklet_descriptor_needs_model_when_mixed(repo):
+    run = repo.start_run({})
+    repo.upsert_camera("a")
+    t = repo.add_tracklet(run, "a", 1, 0, 0.0)
+    repo.add_clips([_clip(t, 0, [1, 1], model="m1"), _clip(t, 1, [3, 3, 3], model="m2")])
+    with pytest.raises(StorageError, match="several models"):
+        repo.tracklet_descriptor(t)
+    np.testing.assert_allclose(repo.tracklet_descriptor(t, model_id="m2"), [3, 3, 3])
+    assert repo.model_ids() == ["m1", "m2"]
+
+
+def test_identities_assign_merge_split(repo):
+    run = repo.start_run({})
+    repo.upsert_camera("a")
+    repo.upsert_camera("b")
+    t1 = repo.add_tracklet(run, "a", 1, 0, 0.0, last_time=5.0)
+    t2 = repo.add_tracklet(run, "b", 1, 0, 10.0, last_time=12.0)
+    t3 = repo.add_tracklet(run, "b", 2, 0, 20.0, last_time=30.0)
+    i1, i2 = repo.create_identity(), repo.create_identity(label="visitor")
+    repo.assign_identity(t1, i1, "new")
+    repo.assign_identity(t2, i1, "linked", distance=0.4, candidate=i1, note="best match")
+    repo.assign_identity(t3, i2, "new")
+    (first, second) = repo.list_identities()
+    assert (first.id, first.member_count, first.camera_ids) == (i1, 2, ("a", "b"))
+    assert (first.first_time, first.last_time) == (0.0, 12.0)
+    assert (second.label, second.member_count) == ("visitor", 1)
+    assert [t.id for t in repo.identity_members(i1)] == [t1, t2]
+    decision = repo.link_decisions(tracklet_id=t2)[0]
+    assert (decision.kind, decision.distance, decision.candidate_identity_id, decision.note) == \
+        ("linked", 0.4, i1, "best match")
+    with pytest.raises(ValueError, match="unknown link kind"):
+        repo.assign_identity(t1, i1, "guess")
+
+    assert repo.merge_identities(i1, i2, note="operator") == [t3]
+    assert repo.get_tracklet(t3).identity_id == i1
+    assert [i.id for i in repo.list_identities()] == [i1] and repo.count_identities() == 1
+    assert repo.get_identity(i2).merged_into == i1 and repo.get_identity(i2).member_count == 0
+    merged = repo.link_decisions(tracklet_id=t3)[-1]
+    assert (merged.kind, merged.identity_id, merged.candidate_identity_id, merged.note) == \
+        ("merged", i1, i2, "operator")
+    with pytest.raises(StorageError, match="was merged into"):
+        repo.assign_identity(t1, i2)
+    with pytest.raises(StorageError, match="into itself"):
+        repo.merge_identities(i1, i1)
+
+    new = repo.split_tracklet(t2)
+    assert new not in (i1, i2) and repo.get_tracklet(t2).identity_id == new
+    assert [t.id for t in repo.identity_members(i1)] == [t1, t3]
+    split = repo.link_decisions(identity_id=new)
+    assert [(d.kind, d.tracklet_id, d.candidate_identity_id) for d in split] == [("split", t2, i1)]
+    # the old identity's history shows every decision that named it
+    assert [d.kind for d in repo.link_decisions(identity_id=i1)] == \
+        ["new", "linked", "merged", "split"]
+    assert repo.stats().identities == 2
+    orphan = repo.add_tracklet(run, "a", 9, 0, 50.0)
+    with pytest.raises(StorageError, match="no identity"):
+        repo.split_tracklet(orphan)
+
+
+def test_stats_and_search(repo):
+    run = repo.start_run({})
+    for cam in ("a", "b"):
+        repo.upsert_camera(cam)
+    rng = np.random.default_rng(1)
+    person = rng.standard_normal(16).astype(np.float32)
+    ta = repo.add_tracklet(run, "a", 1, 0, 0.0)
+    tb = repo.add_tracklet(run, "b", 1, 0, 5.0)
+    others = [repo.add_tracklet(run, "b", 10 + i, 0, 6.0 + i) for i in range(5)]
+    repo.add_clips([_clip(ta, 0, person)])
+    repo.add_clips([_clip(tb, 5, person + 0.01), _clip(tb, 6, person + 0.5)])
+    repo.add_clips([_clip(t, 7, rng.standard_normal(16) * 3) for t in others])
+    stats = repo.stats()
+    assert (stats.cameras, stats.runs, stats.tracklets, stats.clips) == (2, 1, 7, 8)
+    hits = repo.search_tracklets(person, k=3, exclude_camera_id="a")
+    assert hits[0].tracklet_id == tb and hits[0].camera_id == "b" and hits[0].rank == 1
+    assert len({h.tracklet_id for h in hits}) == 3  # best clip per tracklet, no duplicates
+    assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+    assert hits[0].distance == pytest.approx(np.linalg.norm(np.full(16, 0.01)), abs=5e-3)
+    assert repo.search_tracklets(person, k=5, max_distance=1.0)[-1].distance <= 1.0
+    only_b = repo.search_tracklets(person, k=10, exclude_tracklet_id=tb, camera_ids=["b"])
+    assert sorted(h.tracklet_id for h in only_b) == others
+    assert all(h.tracklet_id != tb for h in repo.search_tracklets(person, 10, exclude_tracklet_id=tb))
+    assert len(repo.search_tracklets(person, k=50)) == 7
+    index = repo.gallery_index(time_range=(0.0, 5.5))
+    assert index.size == 2 and index.dim == 16  # clips overlapping 0..5.5: ta's and tb's first
+
+
+def test_readonly_repository_cannot_write(tmp_path):
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    with open_repository(url) as writer:
+        writer.upsert_camera("a")
+    with open_repository(url, readonly=True) as reader:
+        assert [c.id for c in reader.list_cameras()] == ["a"]
+        for write in (lambda: reader.upsert_camera("b"), reader.create_identity,
+                      lambda: reader.start_run({}), lambda: reader.acquire_writer("me")):
+            with pytest.raises(ReadOnlyError, match="read-only"):
+                write()
+        # SQLite itself refuses writes on the mode=ro connection, not only our check
+        with pytest.raises(Exception, match="readonly|read-only|query_only"):
+            with reader._engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO identities (created_at) VALUES ('2020-01-01')")
+        assert reader.stats().identities == 0

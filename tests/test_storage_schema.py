@@ -1,0 +1,152 @@
+"""Schema creation, versioning, migration and URL validation."""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+import pytest
+from sqlalchemy import text
+
+import storage.repository as repository_module
+from storage import (
+    SCHEMA_VERSION,
+    SchemaTooNewError,
+    StorageError,
+    open_repository,
+    validate_database_url,
+)
+from storage.schema import Migration
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _set_version(path, version: int) -> None:
+    con = sqlite3.connect(path)
+    con.execute("UPDATE schema_meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    con.commit()
+    con.close()
+
+
+def test_fresh_database_gets_current_schema(tmp_path):
+    with open_repository(f"sqlite:///{tmp_path / 'k.db'}") as repo:
+        assert repo.schema_version == SCHEMA_VERSION
+        assert repo.integrity_check() == ["ok"]
+    con = sqlite3.connect(tmp_path / "k.db")
+    tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"cameras", "runs", "tracklets", "clips", "identities", "link_decisions",
+            "schema_meta"} <= tables
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    # reopening an up-to-date database changes nothing
+    with open_repository(f"sqlite:///{tmp_path / 'k.db'}") as repo:
+        assert repo.stats().cameras == 0
+
+
+def test_newer_schema_is_refused_by_writer_and_reader_and_left_untouched(tmp_path):
+    path = tmp_path / "new.db"
+    with open_repository(f"sqlite:///{path}") as repo:
+        repo.upsert_camera("a")
+    _set_version(path, SCHEMA_VERSION + 1)
+    before = _digest(path)
+    for readonly in (False, True):
+        with pytest.raises(SchemaTooNewError) as err:
+            open_repository(f"sqlite:///{path}", readonly=readonly)
+        message = str(err.value)
+        assert str(path) in message
+        assert f"schema version {SCHEMA_VERSION + 1}, this program supports {SCHEMA_VERSION}" \
+            in message
+    assert _digest(path) == before
+
+
+def test_older_schema_is_migrated_in_order(tmp_path, monkeypatch):
+    """A v1 database is upgraded by a (test-defined) v2 migration that adds a column."""
+    path = tmp_path / "old.db"
+    with open_repository(f"sqlite:///{path}") as repo:
+        repo.upsert_camera("a", "Gate")
+
+    def add_location(conn) -> None:
+        conn.execute(text("ALTER TABLE cameras ADD COLUMN location TEXT"))
+        conn.execute(text("UPDATE cameras SET location = 'unknown'"))
+
+    monkeypatch.setattr(repository_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(repository_module, "MIGRATIONS",
+                        (Migration(2, "cameras.location", add_location),))
+    # a reader may not migrate: it asks for the writer
+    with pytest.raises(StorageError, match="schema version 1, this program needs 2"):
+        open_repository(f"sqlite:///{path}", readonly=True)
+    with open_repository(f"sqlite:///{path}") as repo:
+        assert repo.schema_version == 2
+        assert [c.name for c in repo.list_cameras()] == ["Gate"]
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT location FROM cameras").fetchall() == [("unknown",)]
+    assert con.execute("SELECT value FROM schema_meta").fetchone() == ("2",)
+    con.close()
+
+
+def test_failed_migration_rolls_back(tmp_path, monkeypatch):
+    path = tmp_path / "old.db"
+    open_repository(f"sqlite:///{path}").close()
+
+    def half_done(conn) -> None:
+        conn.execute(text("ALTER TABLE cameras ADD COLUMN location TEXT"))
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(repository_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(repository_module, "MIGRATIONS", (Migration(2, "broken", half_done),))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        open_repository(f"sqlite:///{path}")
+    con = sqlite3.connect(path)
+    columns = [row[1] for row in con.execute("PRAGMA table_info(cameras)")]
+    assert "location" not in columns
+    assert con.execute("SELECT value FROM schema_meta").fetchone() == ("1",)
+    con.close()
+
+
+def test_missing_migration_step_is_reported(tmp_path, monkeypatch):
+    path = tmp_path / "old.db"
+    open_repository(f"sqlite:///{path}").close()
+    monkeypatch.setattr(repository_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(repository_module, "MIGRATIONS", (Migration(3, "x", lambda c: None),))
+    with pytest.raises(StorageError, match="no complete migration path from schema version 1 to 3"):
+        open_repository(f"sqlite:///{path}")
+
+
+def test_foreign_and_corrupt_files_are_refused(tmp_path):
+    foreign = tmp_path / "other.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE cameras (id TEXT)")  # a hand-made database without a version
+    con.commit()
+    con.close()
+    with pytest.raises(StorageError, match=r"has tables \['cameras'\] but no keyreid schema"):
+        open_repository(f"sqlite:///{foreign}")
+    with pytest.raises(StorageError, match="no keyreid schema yet"):
+        open_repository(f"sqlite:///{foreign}", readonly=True)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database at all" * 100)
+    for readonly in (False, True):
+        with pytest.raises(StorageError, match="junk.db"):
+            open_repository(f"sqlite:///{junk}", readonly=readonly)
+
+
+@pytest.mark.parametrize("url, readonly, fragment", [
+    ("nosuchdb://host/x", False, "unknown database dialect 'nosuchdb'"),
+    ("not a url", False, "invalid database URL 'not a url'"),
+    ("sqlite://", False, "in-memory"),
+    ("sqlite:///{tmp}/missing/dir/k.db", False, "does not exist"),
+    ("sqlite:///{tmp}/absent.db", True, "absent.db does not exist"),
+    ("sqlite:///{tmp}", False, "is not a file"),
+])
+def test_bad_urls_are_reported_without_creating_anything(tmp_path, url, readonly, fragment):
+    url = url.format(tmp=tmp_path)
+    problem = validate_database_url(url, readonly=readonly)
+    assert problem is not None and fragment in problem
+    with pytest.raises(StorageError, match=fragment.replace("(", r"\(")):
+        open_repository(url, readonly=readonly)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_valid_url_creates_nothing(tmp_path):
+    assert validate_database_url(f"sqlite:///{tmp_path / 'k.db'}") is None
+    assert list(tmp_path.iterdir()) == []
