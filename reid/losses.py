@@ -95,7 +95,7 @@ class KeyReIDLoss(nn.Module):
             if erased is not None:
                 terms["attention"] = attention_regularization(out.temporal_attention, erased)
             global_loss = terms["id"] + terms["triplet"] + self.center_weight * terms["center"] + terms.get("attention", 0.0)
-            log.update({f"global_{k}": float(v) for k, v in terms.items()})
+            log.update({f"global_{k}": float(v.detach()) for k, v in terms.items()})
             branch_losses.append(("global", global_loss))
         if len(self.part_centers):
             part_losses = []
@@ -103,12 +103,12 @@ class KeyReIDLoss(nn.Module):
                 terms = self._branch(out.part_logits[:, k], out.part_feat[:, k], targets, center)
                 part_losses.append(terms["id"] + terms["triplet"] + self.center_weight * terms["center"])
                 for name, value in terms.items():
-                    log[f"part_{name}"] = log.get(f"part_{name}", 0.0) + float(value) / len(self.part_centers)
+                    log[f"part_{name}"] = log.get(f"part_{name}", 0.0) + float(value.detach()) / len(self.part_centers)
             branch_losses.append(("local", torch.stack(part_losses).mean()))
         if len(branch_losses) == 2:
             total = self.global_weight * branch_losses[0][1] + (1 - self.global_weight) * branch_losses[1][1]
         else:
             total = branch_losses[0][1]
-        log.update({name: float(value) for name, value in branch_losses})
-        log["total"] = float(total)
+        log.update({name: float(value.detach()) for name, value in branch_losses})
+        log["total"] = float(total.detach())
         return total, log

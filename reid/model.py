@@ -107,10 +107,12 @@ class KeyReID(nn.Module):
             raise ValueError(f"{config.backbone}: patch grid {backbone.patch_embed.grid_size} != config {config.grid_size}")
         width = backbone.embed_dim
         self.embed_dim = width
+        backbone_heads = backbone.blocks[-1].attn.num_heads
         # The trunk is the backbone minus its last block; that block (and the final norm) seed the
         # global branch, as in TransReID / VID-Trans-ReID, so pretrained weights keep their meaning.
-        self.global_block = copy.deepcopy(backbone.blocks[-1])
-        self.global_norm = backbone.norm
+        if config.use_global:
+            self.global_block = copy.deepcopy(backbone.blocks[-1])
+            self.global_norm = backbone.norm
         del backbone.blocks[-1]
         backbone.norm = nn.Identity()
         self.backbone = backbone
@@ -129,7 +131,7 @@ class KeyReID(nn.Module):
                 "whole": ("body",),
             }[config.local]
             part_width = config.num_frames * width
-            heads = config.part_heads or backbone.blocks[0].attn.num_heads
+            heads = config.part_heads or backbone_heads
             if part_width % heads:
                 raise ValueError(f"part width {part_width} is not divisible by part_heads={heads}")
             self.part_block = Block(part_width, heads, mlp_ratio=4.0, qkv_bias=True, drop_path=config.drop_path)
@@ -212,8 +214,12 @@ class KeyReID(nn.Module):
         rows = patches.reshape(batch, num_tokens - 1, num_frames * width)  # L_patch: row i = patch i over time
         order = self.tcss_order
         rows = rows[:, order]
-        part_tokens = self._part_tokens(cls, rows, order, keypoints, reference)
-        out.part_feat = self.part_norm(part_tokens)
+        importance = None
+        if self.config.local == "keypoints":
+            if keypoints is None:
+                raise ValueError("local='keypoints' needs keypoints [B, T, 17, 3]")
+            importance = self.part_importance(keypoints)[:, :, order]  # follows the TCSS row order
+        out.part_feat = self.part_norm(self.part_tokens(cls, rows, importance, reference))
         normed, logits = zip(*(neck(out.part_feat[:, k]) for k, neck in enumerate(self.part_necks)))
         out.part_bn = torch.stack(normed, dim=1)
         if logits[0] is not None:
@@ -226,10 +232,11 @@ class KeyReID(nn.Module):
         source = (torch.arange(num_frames, device=patches.device)[None, :] - shift) % num_frames
         return source[None, :, :, None].expand_as(patches)
 
-    def _part_tokens(
-        self, cls: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, keypoints: torch.Tensor | None, reference: bool
+    def part_tokens(
+        self, cls: torch.Tensor, rows: torch.Tensor, importance: torch.Tensor | None = None, reference: bool = False
     ) -> torch.Tensor:
-        """`[B, K, T*D]` part [CLS] outputs of the shared part block."""
+        """Part [CLS] outputs `[B, K, T*D]` of the shared part block from L_cls `[B, 1, T*D]`,
+        L_patch rows `[B, n, T*D]` and (KPS only) part importance `[B, K, n]` in the same row order."""
         block_cls = full_block_cls if reference else cls_block
         tokens = torch.cat([cls, rows], dim=1)
         mode = self.config.local
@@ -240,9 +247,6 @@ class KeyReID(nn.Module):
             if reference:
                 return torch.cat([full_block_cls(self.part_block, torch.cat([cls, s], dim=1)) for s in stripes], dim=1)
             return cls_block(self.part_block, tokens, _stripe_bias(rows, self.num_parts))
-        if keypoints is None:
-            raise ValueError("local='keypoints' needs keypoints [B, T, 17, 3]")
-        importance = self.part_importance(keypoints)[:, :, order]  # follows the TCSS row order
         if self.config.kps_mode == "prior":
             return block_cls(self.part_block, tokens, self._log_prior(importance))
         weighted = torch.cat([cls.expand(-1, self.num_parts, -1)[:, :, None], rows[:, None] * importance[..., None]], dim=2)
