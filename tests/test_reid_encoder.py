@@ -39,10 +39,12 @@ def test_checkpoint_round_trip_gives_identical_descriptors(tmp_path):
         for neck in model.part_necks:
             neck.bn.running_mean.uniform_(-1, 1)
     path = save_checkpoint(model, tmp_path / "model.pt", name="keyreid_vit_tiny", epoch=3)
-    first, second = reid.Encoder(path, device="cpu", batch_size=2), reid.Encoder(path, device="cpu")
+    first, second = reid.Encoder(path, device="cpu"), reid.Encoder(path, device="cpu")
     assert first.trained and first.model_id.startswith("keyreid_vit_tiny@")
     frames, keypoints = _clips()
     np.testing.assert_array_equal(first.encode(frames, keypoints), second.encode(frames, keypoints))
+    small_batches = reid.Encoder(path, device="cpu", batch_size=2).encode(frames, keypoints)
+    np.testing.assert_allclose(small_batches, first.encode(frames, keypoints), rtol=1e-4, atol=1e-5)
     reference = model.eval()
     images, points = first.preprocess(frames, keypoints)
     with torch.no_grad():
