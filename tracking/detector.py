@@ -69,7 +69,7 @@ class PoseTracker:
         conf, iou: detection confidence and NMS IoU thresholds.
         tracker: "bytetrack" or "botsort" (ultralytics' stock configs), or a tracker yaml path.
         device: "cpu", "cuda", "cuda:0", ... (None: ultralytics' choice).
-        half: fp16 inference (CUDA only).
+        half: fp16 inference (CUDA; ultralytics computes in fp32 on the CPU).
         torch_threads: ultralytics calls `torch.set_num_threads(1)` for the whole process when
             its predictor starts. After the first frame the count is set back to this value
             (None: the count in effect before). Measured on bus.jpg at imgsz 640, 2 idle cores:
@@ -111,9 +111,10 @@ class PoseTracker:
         the tracker has not (yet) given an id are dropped.
         """
         bgr = np.ascontiguousarray(image_rgb[..., ::-1])  # ultralytics reads numpy as BGR
+        precision = {"quantize": 16} if self.half else {}  # ultralytics 8.4 renamed `half`
         results = self.model.track(bgr, persist=True, classes=[0], verbose=False,
                                    imgsz=self.imgsz, conf=self.conf, iou=self.iou,
-                                   tracker=self.tracker, device=self.device, half=self.half)
+                                   tracker=self.tracker, device=self.device, **precision)
         if not self._started:
             self._started = True
             if self._torch.get_num_threads() != self.torch_threads:
