@@ -140,7 +140,8 @@ def test_source_kinds(source, kind, live):
 
 
 class _FlakyServer:
-    """Serves one video over HTTP; the first request is cut half-way (dropped or stalled)."""
+    """Serves one video over HTTP; the first request is cut half-way: the connection drops,
+    stalls, or (failure "none") the response just ends short."""
 
     def __init__(self, data: bytes, failure: str) -> None:
         self.requests = 0
@@ -160,7 +161,7 @@ class _FlakyServer:
                 self.wfile.flush()
                 if failure == "drop":
                     self.connection.shutdown(socket.SHUT_RDWR)
-                else:
+                elif failure == "stall":
                     time.sleep(3)
 
             def log_message(self, *args):
@@ -217,3 +218,22 @@ def test_stop_interrupts_backoff():
     start = time.monotonic()
     assert list(source) == []  # stopping ends the iteration quietly
     assert time.monotonic() - start < 5 and source.stats.reconnects == 1
+
+
+def test_live_source_reconnects_at_end_of_stream_and_keeps_counting(tmp_path):
+    """A live stream that ends is re-opened; frame indices and times continue, not restart."""
+    data = write_moving_rectangles(tmp_path / "v.ts", num_frames=30).read_bytes()
+    server = _FlakyServer(data, failure="none")  # the first response ends half-way
+    source = VideoSource(server.url, live=True, reconnect=FAST_RETRY, read_timeout=1)
+    frames = []
+    try:
+        for frame in source:
+            frames.append(frame)
+            if len(frames) == 50:
+                source.stop()
+    finally:
+        server.close()
+    indices, times = [f.index for f in frames], [f.time for f in frames]
+    assert indices == list(range(50))
+    assert all(b - a == pytest.approx(0.1, abs=1e-3) for a, b in zip(times, times[1:]))
+    assert source.stats.reconnects >= 2
