@@ -41,6 +41,9 @@ def test_clip_indices(num_frames: int, T: int = 4) -> np.ndarray:
     return np.minimum(indices, num_frames - 1).reshape(num_clips, T).astype(np.int64)
 
 
+test_clip_indices.__test__ = False  # a library function, not a pytest test, when imported by tests
+
+
 class RandomIdentitySampler(torch.utils.data.Sampler[list[int]]):
     """Batch sampler yielding lists of P*K record indices: P identities, K tracklets each.
 

@@ -4,7 +4,8 @@ The model reads frames AND keypoints (its part heatmaps are drawn from them), so
 geometric change to the frames is applied to the keypoints too: resize scales them, the
 horizontal flip (one decision per clip, so motion stays coherent) mirrors them and swaps
 left/right labels via `reid.keypoints.flip_keypoints`, pad + random crop shifts them and marks
-those pushed outside the image as missing (score 0). Random erasing is decided per frame and
+those pushed outside the image as missing (score 0; a missing keypoint is returned as all
+zeros). Random erasing is decided per frame and
 reported as an `erased` flag, which the attention regularisation loss needs; keypoints of an
 erased frame are kept (the part is still there, only hidden), as in the released code.
 Normalisation defaults to mean = std = 0.5 (TransReID / VID-Trans-ReID).
@@ -70,6 +71,7 @@ class ClipTransform:
             kp[..., 1] += self.pad - oy
         outside = (kp[..., 0] < 0) | (kp[..., 0] > W - 1) | (kp[..., 1] < 0) | (kp[..., 1] > H - 1)
         kp[..., 2] = np.where(outside, 0.0, kp[..., 2])
+        kp[kp[..., 2] <= 0] = 0.0  # a missing keypoint is all zeros, wherever it came from
         # numpy (single-threaded) rather than torch ops: torch's intra-op threads stall badly when
         # loader workers and the training step compete for a few cores.
         scale = 1.0 / (255.0 * np.asarray(self.std, np.float32))
