@@ -59,6 +59,15 @@ def _smallest(keys: np.ndarray, k: int) -> np.ndarray:
     return np.partition(keys, k - 1, axis=1)[:, :k]
 
 
+def squared_norms(gallery: np.ndarray, rows: int = 65_536) -> np.ndarray:
+    """float32 ||g||^2 per gallery row, computed in float32 blocks (for `gallery_sq_norms`)."""
+    out = np.empty(gallery.shape[0], dtype=np.float32)
+    for start in range(0, gallery.shape[0], rows):
+        block = np.asarray(gallery[start:start + rows], dtype=np.float32)
+        out[start:start + rows] = np.einsum("ij,ij->i", block, block)
+    return out
+
+
 def _nearest_faiss(faiss, queries: np.ndarray, gallery: np.ndarray, k: int):
     index = faiss.IndexFlatL2(gallery.shape[1])
     index.add(np.ascontiguousarray(gallery, dtype=np.float32))
@@ -101,7 +110,10 @@ def nearest(
 
     dim = gallery.shape[1]
     q_norms = np.einsum("ij,ij->i", queries, queries)[:, None]
-    chunk = max(256, min(_BLOCK_ELEMENTS // q, _CONVERT_ELEMENTS // max(dim, 1)))
+    # Bound the Q x chunk distance block; a non-float32 gallery is also converted per chunk.
+    chunk = max(256, _BLOCK_ELEMENTS // q)
+    if gallery.dtype != np.float32:
+        chunk = max(256, min(chunk, _CONVERT_ELEMENTS // max(dim, 1)))
     best: np.ndarray | None = None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -148,8 +160,7 @@ class GalleryIndex:
     sq_norms: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        norms = np.einsum("ij,ij->i", self.descriptors, self.descriptors).astype(np.float32)
-        object.__setattr__(self, "sq_norms", norms)
+        object.__setattr__(self, "sq_norms", squared_norms(self.descriptors))
 
     @property
     def size(self) -> int:

@@ -150,3 +150,16 @@ def test_bad_urls_are_reported_without_creating_anything(tmp_path, url, readonly
 def test_valid_url_creates_nothing(tmp_path):
     assert validate_database_url(f"sqlite:///{tmp_path / 'k.db'}") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_imports_neither_torch_nor_other_project_folders():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, storage, storage.bench; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'app', 'reid', 'tracking', 'training')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
