@@ -102,3 +102,25 @@ def test_unknown_camera_uses_mean_embedding_and_out_of_range_is_refused():
     embedding = model._camera_embedding(torch.tensor([-1, 1]))
     assert torch.allclose(embedding[0], model.camera_embed.mean(0))
     assert torch.equal(embedding[1], model.camera_embed[1])
+
+
+def test_importing_reid_keypoints_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, reid.keypoints; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_optimised_vit_base_costs_about_the_bare_backbone():
+    """The acceptance bound of issue 2: optimised ViT-B <= 1.25x backbone-only GMAC per clip."""
+    from reid.bench import _gmac, example_clip
+    import timm
+
+    model = reid.build_model("keyreid_vit_base").eval()
+    frames, keypoints, cameras = example_clip(model)
+    backbone = timm.create_model("vit_base_patch16_224", img_size=(256, 128), num_classes=0, global_pool="").eval()
+    optimised = _gmac(lambda: model(frames, keypoints, cameras))
+    bare = _gmac(lambda: backbone.forward_features(frames.flatten(0, 1)))
+    assert 40 < bare < 50  # about 45 GMAC for four 256x128 frames
+    assert optimised <= 1.25 * bare

@@ -1,0 +1,115 @@
+"""`python -m reid.bench`: throughput and cost of every encoder variant on this machine.
+
+For each variant and device it prints clips/s at a few batch sizes (T=4 frames of 256x128),
+and GMAC per clip for the optimised inference (only what the descriptor needs), the
+straightforward one (every token through the global and part blocks) and the bare timm
+backbone, so the price of the part branch is visible. MACs are counted with torch's
+FlopCounterMode (attention through the math kernel so its matmuls are counted too).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .model import KeyReID
+from .registry import build_model, list_models
+
+DEFAULT_VARIANTS = ("keyreid_vit_tiny", "keyreid_vit_small", "keyreid_vit_base", "vidtrans_vit_base")
+
+
+@dataclass(frozen=True)
+class Cost:
+    optimised: float
+    reference: float
+    backbone: float
+
+    @property
+    def ratio(self) -> float:
+        return self.optimised / self.backbone
+
+
+def _gmac(function) -> float:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        function()
+    return counter.get_total_flops() / 2e9
+
+
+def example_clip(model: KeyReID, batch: int = 1, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+    config = model.config
+    height, width = config.img_size
+    frames = torch.randn(batch, config.num_frames, 3, height, width, device=device)
+    keypoints = torch.rand(batch, config.num_frames, 17, 3, device=device) * torch.tensor([width, height, 1.0], device=device)
+    cameras = torch.zeros(batch, dtype=torch.long, device=device)
+    return frames, keypoints, cameras
+
+
+def cost_per_clip(model: KeyReID) -> Cost:
+    """GMAC per clip: optimised model, straightforward model, and the bare backbone at full depth."""
+    model = model.eval()
+    frames, keypoints, cameras = example_clip(model)
+    config = model.config
+    options = dict(img_size=config.img_size, num_classes=0, global_pool="")
+    if config.depth is not None:
+        options["depth"] = config.depth
+    backbone = timm.create_model(config.backbone, **options).eval()
+    return Cost(
+        optimised=_gmac(lambda: model(frames, keypoints, cameras)),
+        reference=_gmac(lambda: model(frames, keypoints, cameras, reference=True)),
+        backbone=_gmac(lambda: backbone.forward_features(frames.flatten(0, 1))),
+    )
+
+
+def clips_per_second(model: KeyReID, batch: int, device: torch.device, autocast: torch.dtype | None, repeats: int) -> float:
+    frames, keypoints, cameras = example_clip(model, batch, device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        model(frames, keypoints, cameras)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(frames, keypoints, cameras)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list_models())
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per batch size")
+    parser.add_argument("--cpu-bf16", action="store_true", help="also time bf16 autocast on the CPU")
+    args = parser.parse_args(argv)
+
+    header = f"{'variant':<20} {'device':<6} {'prec':<5} {'GMAC opt':>9} {'GMAC ref':>9} {'backbone':>9} {'opt/bb':>7}"
+    header += "".join(f" {'clips/s@' + str(b):>12}" for b in args.batch_sizes)
+    print(header)
+    print("-" * len(header))
+    for name in args.variants:
+        model = build_model(name, seed=0).eval()
+        cost = cost_per_clip(model)
+        for device_name in args.devices:
+            device = torch.device(device_name)
+            model = model.to(device)
+            precisions = {"cpu": [("fp32", None)] + ([("bf16", torch.bfloat16)] if args.cpu_bf16 else [])}.get(
+                device.type, [("bf16", torch.bfloat16)]
+            )
+            for label, dtype in precisions:
+                rates = [clips_per_second(model, b, device, dtype, args.repeats) for b in args.batch_sizes]
+                print(
+                    f"{name:<20} {device.type:<6} {label:<5} {cost.optimised:>9.2f} {cost.reference:>9.2f} "
+                    f"{cost.backbone:>9.2f} {cost.ratio:>6.2f}x" + "".join(f" {r:>12.1f}" for r in rates),
+                    flush=True,
+                )
+        model.cpu()
+
+
+if __name__ == "__main__":
+    main()
