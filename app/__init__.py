@@ -1,0 +1,1 @@
+"""KeyRe-ID Watch applications: the `keyreid-watch` service and the Streamlit dashboard."""
