@@ -19,6 +19,9 @@ grep -rl "matplotlib.cm.get_cmap\|cm.get_cmap" "$source_dir/src" | xargs -r sed 
     's/matplotlib\.cm\.get_cmap(/matplotlib.colormaps.get_cmap(/g; s/\bcm\.get_cmap(/matplotlib.colormaps.get_cmap(/g'
 # its run-time dependencies other than torch/torchvision (which we keep at our pinned versions)
 "$python" -m pip install --quiet pysparkling python-json-logger importlib_metadata
+# torch >= 2.6 loads weights-only by default; OpenPifPaf checkpoints are pickled modules.
+sed -i 's/torch\.load(checkpoint)/torch.load(checkpoint, weights_only=False)/; s/progress=self\.download_progress)/progress=self.download_progress, weights_only=False)/' \
+    "$source_dir/src/openpifpaf/network/factory.py"
 MAX_JOBS="$(nproc)" "$python" -m pip install --quiet --no-deps --no-build-isolation "$source_dir"
 "$python" - <<'PY'
 import openpifpaf
