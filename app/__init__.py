@@ -1,1 +1,2 @@
-"""KeyRe-ID Watch applications: the `keyreid-watch` service and the Streamlit dashboard."""
+"""KeyRe-ID Watch application: the `keyreid-watch` service (config, workers, encoder service,
+identity linking), the demo fetcher and the benchmark. The dashboard lives in `app.dashboard*`."""

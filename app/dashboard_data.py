@@ -1,0 +1,249 @@
+"""What the dashboard shows, computed without Streamlit: settings, database access, searches.
+
+Kept apart from the Streamlit script so the rules (read-only access, which encoder a search
+by upload must use, how search hits are annotated) are plain functions with plain inputs.
+Every read goes through a read-only `storage` repository; the only writes (merge, split)
+open a short-lived normal repository, never the watcher's writer lock.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage import (
+    CameraRecord,
+    GalleryIndex,
+    Repository,
+    SchemaTooNewError,
+    SearchHit,
+    StorageError,
+    TrackletRecord,
+    open_repository,
+    validate_database_url,
+)
+
+ENV_DB = "KEYREID_DASHBOARD_DB"
+ENV_CHECKPOINT = "KEYREID_DASHBOARD_CHECKPOINT"
+ENV_MODEL = "KEYREID_DASHBOARD_MODEL"
+ENV_DEVICE = "KEYREID_DASHBOARD_DEVICE"
+ENV_MAX_UPLOAD_MB = "KEYREID_DASHBOARD_MAX_UPLOAD_MB"
+DEFAULT_MODEL = "keyreid_vit_tiny"
+DEFAULT_MAX_UPLOAD_MB = 20
+
+
+class DashboardError(Exception):
+    """A problem to show the operator as it is (the message names the file or database)."""
+
+
+def as_database_url(value: str) -> str:
+    """A database URL; a bare file path becomes a SQLite URL."""
+    return value if "://" in value else f"sqlite:///{Path(value).expanduser().resolve()}"
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """How the dashboard was started (`keyreid-dashboard` passes these as environment variables).
+
+    `checkpoint`/`model`: the encoder for search by upload; None means "the one the watcher's
+    last run used" (its run config), then the untrained default.
+    """
+
+    db_url: str
+    checkpoint: str | None = None
+    model: str | None = None
+    device: str | None = None
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> DashboardSettings:
+        env = os.environ if environ is None else environ
+        url = env.get(ENV_DB, "").strip()
+        if not url:
+            raise DashboardError(f"no database given: start the dashboard with "
+                                 f"`keyreid-dashboard --db sqlite:///keyreid.db` "
+                                 f"(or set {ENV_DB})")
+        raw_mb = env.get(ENV_MAX_UPLOAD_MB, str(DEFAULT_MAX_UPLOAD_MB))
+        try:
+            max_mb = float(raw_mb)
+        except ValueError:
+            raise DashboardError(f"{ENV_MAX_UPLOAD_MB}={raw_mb!r} is not a number") from None
+        return cls(db_url=as_database_url(url), checkpoint=env.get(ENV_CHECKPOINT) or None,
+                   model=env.get(ENV_MODEL) or None, device=env.get(ENV_DEVICE) or None,
+                   max_upload_mb=max_mb)
+
+
+def open_readonly(url: str) -> Repository:
+    """The dashboard's read-only repository, or DashboardError with a message for the operator."""
+    problem = validate_database_url(url, readonly=True)
+    if problem:
+        raise DashboardError(problem)
+    try:
+        return open_repository(url, readonly=True)
+    except SchemaTooNewError as exc:
+        raise DashboardError(f"{exc}. The dashboard did not open it.") from None
+    except StorageError as exc:
+        raise DashboardError(str(exc)) from None
+
+
+def format_time(seconds: float | None) -> str:
+    """Video time as h:mm:ss.s ('–' when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    whole = int(seconds)
+    tenths = int(round((seconds - whole) * 10))
+    if tenths == 10:
+        whole, tenths = whole + 1, 0
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}.{tenths}"
+
+
+def time_bounds(repo: Repository, cameras: list[CameraRecord]) -> tuple[float, float] | None:
+    """The span of recorded video time (first tracklet start to the latest frame), or None."""
+    first = repo.list_tracklets(limit=1)
+    if not first:
+        return None
+    start = first[0].first_time
+    ends = [c.last_frame_time for c in cameras if c.last_frame_time is not None]
+    buckets = repo.activity(bucket_seconds=1.0)
+    if buckets:
+        ends.append(buckets[-1].start + 1.0)
+    end = max([start + 1.0, *ends])
+    return float(math.floor(start)), float(math.ceil(end))
+
+
+def camera_rows(repo: Repository, cameras: list[CameraRecord],
+                gallery: GalleryIndex | None) -> list[dict]:
+    """One status row per camera for the overview table."""
+    clip_counts: dict[str, int] = {}
+    if gallery is not None and gallery.size:
+        names, counts = np.unique(gallery.camera_ids.astype(str), return_counts=True)
+        clip_counts = dict(zip(names.tolist(), counts.tolist()))
+    return [{
+        "camera": c.id,
+        "name": c.name,
+        "status": c.status or "–",
+        "last frame (video time)": format_time(c.last_frame_time),
+        "fps": None if c.fps is None else round(float(c.fps), 1),
+        "frames processed": c.frames_processed,
+        "tracklets": repo.count_tracklets(camera_ids=[c.id]),
+        "clips": clip_counts.get(c.id, 0),
+        "updated": "–" if c.updated_at is None else c.updated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+    } for c in cameras]
+
+
+def activity_points(repo: Repository, cameras: list[CameraRecord],
+                    bucket_seconds: float) -> list[dict]:
+    """Tracklets started per time bucket and camera, as chart rows."""
+    return [{"time (s)": b.start, "tracklets started": b.count, "camera": c.id}
+            for c in cameras for b in repo.activity(c.id, bucket_seconds=bucket_seconds)]
+
+
+def distance_scale(gallery: GalleryIndex) -> float:
+    """An upper bound on any query-to-gallery distance of the same model: 2 x the largest norm.
+
+    Used as the top of the distance cut-off slider (a query descriptor has the same scale).
+    """
+    if not gallery.size:
+        return 1.0
+    return float(2.0 * math.sqrt(float(gallery.sq_norms.max())))
+
+
+@dataclass(frozen=True)
+class AnnotatedHit:
+    """A search hit with what the result card shows: the tracklet now (identity, thumbnail)."""
+
+    hit: SearchHit
+    tracklet: TrackletRecord | None
+    same_identity: bool
+
+
+def annotate_hits(repo: Repository, hits: list[SearchHit],
+                  query_identity: int | None) -> list[AnnotatedHit]:
+    """Attach each hit's current tracklet (the gallery's identity ids may predate a merge)."""
+    annotated = []
+    for hit in hits:
+        tracklet = repo.get_tracklet(hit.tracklet_id)
+        identity = tracklet.identity_id if tracklet is not None else hit.identity_id
+        annotated.append(AnnotatedHit(
+            hit=hit, tracklet=tracklet,
+            same_identity=query_identity is not None and identity == query_identity))
+    return annotated
+
+
+def search_by_tracklet(repo: Repository, gallery: GalleryIndex, tracklet_id: int, k: int, *,
+                       camera_ids: list[str] | None = None,
+                       time_range: tuple[float, float] | None = None,
+                       max_distance: float | None = None) -> list[AnnotatedHit]:
+    """Rank tracklets of OTHER cameras against one stored tracklet (mean of its clips)."""
+    query = repo.get_tracklet(tracklet_id)
+    if query is None:
+        raise DashboardError(f"tracklet {tracklet_id} does not exist in {repo.url}")
+    descriptor = repo.tracklet_descriptor(tracklet_id, model_id=gallery.model_id)
+    if descriptor is None:
+        raise DashboardError(f"tracklet {tracklet_id} has no clip of model {gallery.model_id!r} "
+                             "yet: nothing to search with")
+    hits = gallery.search(descriptor, k, camera_ids=camera_ids, time_range=time_range,
+                          exclude_camera_id=query.camera_id, max_distance=max_distance)
+    return annotate_hits(repo, hits, query.identity_id)
+
+
+def search_by_descriptor(repo: Repository, gallery: GalleryIndex, descriptor: np.ndarray, k: int,
+                         *, camera_ids: list[str] | None = None,
+                         time_range: tuple[float, float] | None = None,
+                         max_distance: float | None = None) -> list[AnnotatedHit]:
+    """Rank gallery tracklets against a descriptor computed from an upload."""
+    hits = gallery.search(descriptor, k, camera_ids=camera_ids, time_range=time_range,
+                          max_distance=max_distance)
+    return annotate_hits(repo, hits, None)
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """Which encoder a search by upload uses, and why (shown in the UI)."""
+
+    checkpoint: str | None
+    model: str
+    reason: str
+
+
+def choose_encoder(settings: DashboardSettings, repo: Repository) -> EncoderChoice:
+    """The dashboard option first, else the encoder of the watcher's latest run, else the default.
+
+    The watcher's run config is searched for `checkpoint` / `model` keys at its top level and
+    in an `encoder` or `reid` section, so a query descriptor comes from the same network as
+    the stored ones (the caller still checks the resulting model id against the gallery).
+    """
+    if settings.checkpoint or settings.model:
+        return EncoderChoice(settings.checkpoint, settings.model or DEFAULT_MODEL,
+                             "given on the dashboard's command line")
+    runs = repo.list_runs()
+    if runs:
+        config = runs[-1].config
+        sections = [config] + [config[key] for key in ("encoder", "reid")
+                               if isinstance(config.get(key), dict)]
+        checkpoint = next((s["checkpoint"] for s in sections if s.get("checkpoint")), None)
+        model = next((s["model"] for s in sections if isinstance(s.get("model"), str)), None)
+        if checkpoint or model:
+            return EncoderChoice(str(checkpoint) if checkpoint else None, model or DEFAULT_MODEL,
+                                 f"taken from the watcher's run {runs[-1].id} configuration")
+    return EncoderChoice(None, DEFAULT_MODEL,
+                         "default: no checkpoint given and none found in the watcher's runs")
+
+
+def merge_identities(url: str, keep_id: int, merge_id: int) -> list[int]:
+    """Merge `merge_id` into `keep_id` through storage; returns the moved tracklet ids.
+
+    Opens a normal repository for this one short transaction: it waits behind the watcher's
+    writes (busy timeout) and does not take the writer lock.
+    """
+    with open_repository(url) as repo:
+        return repo.merge_identities(keep_id, merge_id, note="merged in the dashboard")
+
+
+def split_tracklet(url: str, tracklet_id: int) -> int:
+    """Move one tracklet out of its identity through storage; returns the new identity id."""
+    with open_repository(url) as repo:
+        return repo.split_tracklet(tracklet_id, note="split in the dashboard")
