@@ -9,6 +9,7 @@ checked before decoding, and every refusal is a `UploadError` naming the file.
 from __future__ import annotations
 
 import io
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ def check_size(file: UploadedFile, max_bytes: int) -> None:
         raise UploadError(f"{file.name}: the file is empty")
 
 
+def _pil_open():
+    """PIL's own `Image.open`. Importing ultralytics replaces it process-wide with a wrapper
+    that, on an unidentified file, tries to install and register `pi-heif`: an uploaded
+    non-image must get our message, not a package installation."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is not None and Image.open is getattr(patches, "image_open", None):
+        return patches._image_open
+    return Image.open
+
+
 def load_image(file: UploadedFile, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode an uploaded image to RGB uint8, refusing non-images and decompression bombs.
 
@@ -74,7 +85,7 @@ def load_image(file: UploadedFile, max_pixels: int = MAX_IMAGE_PIXELS) -> np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(file.data)) as image:
+            with _pil_open()(io.BytesIO(file.data)) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise UploadError(

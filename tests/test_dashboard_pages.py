@@ -1,0 +1,296 @@
+"""AppTest tests of every dashboard page over a small database built with storage's writer API.
+
+The gallery: 4 people, each seen by two or three of 3 cameras, with synthetic descriptors
+(person vector + small noise per clip) of the untrained default encoder's model id and
+dimension, so search by upload can run against it. Person 3's camera-b tracklet is left in an
+identity of its own, for the merge test.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage import NewClip, SCHEMA_VERSION, open_repository
+
+SCRIPT = str(Path(__file__).resolve().parents[1] / "app" / "dashboard.py")
+MODEL_ID = "keyreid_vit_tiny@untrained-seed0"
+DIM = 4800  # keyreid_vit_tiny's descriptor size: uploads are encoded by that model
+CAMERAS = ("cam_a", "cam_b", "cam_c")
+PEOPLE = {0: ("cam_a", "cam_b", "cam_c"), 1: ("cam_a", "cam_b"), 2: ("cam_b", "cam_c"),
+          3: ("cam_a", "cam_b")}
+COLOURS = [(200, 40, 40), (40, 160, 40), (40, 40, 200), (200, 160, 40)]
+TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class Gallery:
+    url: str
+    path: Path
+    tracklets: dict[tuple[int, str], int]  # (person, camera) -> tracklet id
+    identities: dict[int, int]  # person -> identity id
+    stray_identity: int  # person 3's camera-b tracklet, not linked yet
+
+
+def thumbnail(colour: tuple[int, int, int]) -> bytes:
+    image = Image.new("RGB", (64, 128), colour)
+    out = io.BytesIO()
+    image.save(out, format="JPEG")
+    return out.getvalue()
+
+
+def build_gallery(path: Path) -> Gallery:
+    """Write the test gallery with storage's writer API (and release the writer lock)."""
+    url = f"sqlite:///{path}"
+    rng = np.random.default_rng(0)
+    people = {p: rng.normal(size=DIM).astype(np.float32) for p in PEOPLE}
+    tracklets: dict[tuple[int, str], int] = {}
+    identities: dict[int, int] = {}
+    with open_repository(url) as repo:
+        repo.acquire_writer("test")
+        run = repo.start_run({"encoder": {"model": "keyreid_vit_tiny"}})
+        for index, camera in enumerate(CAMERAS):
+            repo.upsert_camera(camera, name=f"Camera {camera[-1].upper()}", source=f"{camera}.mp4")
+            repo.update_camera_status(camera, status="running", last_frame_time=120.0, fps=9.5,
+                                      frames_processed=1100 + index)
+        for person, cameras in PEOPLE.items():
+            for order, camera in enumerate(cameras):
+                start = 10.0 * person + 30.0 * order
+                tid = repo.add_tracklet(run, camera, track_id=person + 1,
+                                        first_frame=int(start * 10), first_time=start,
+                                        last_frame=int(start * 10) + 40, last_time=start + 4.0,
+                                        thumbnail=thumbnail(COLOURS[person]), finished=True)
+                tracklets[person, camera] = tid
+                repo.add_clips([NewClip(
+                    tracklet_id=tid, frame_indices=[1, 2, 3, 4], start_time=start + c,
+                    end_time=start + c + 1.0, model_id=MODEL_ID,
+                    descriptor=people[person] + 0.05 * rng.normal(size=DIM).astype(np.float32))
+                    for c in range(2)])
+        for person, cameras in PEOPLE.items():
+            identities[person] = repo.create_identity()
+            for order, camera in enumerate(cameras):
+                if person == 3 and camera == "cam_b":
+                    continue
+                repo.assign_identity(tracklets[person, camera], identities[person],
+                                     kind="new" if order == 0 else "linked",
+                                     distance=None if order == 0 else 0.5 + 0.1 * order)
+        stray = repo.create_identity()
+        repo.assign_identity(tracklets[3, "cam_b"], stray, kind="new")
+        repo.finish_run(run)
+    return Gallery(url, path, tracklets, identities, stray)
+
+
+@pytest.fixture(scope="module")
+def gallery_template(tmp_path_factory) -> Gallery:
+    return build_gallery(tmp_path_factory.mktemp("gallery") / "keyreid.db")
+
+
+@pytest.fixture
+def gallery(gallery_template: Gallery, tmp_path: Path) -> Gallery:
+    """A private copy of the template database (tests that write must not share it)."""
+    path = tmp_path / "keyreid.db"
+    shutil.copy(gallery_template.path, path)
+    return Gallery(f"sqlite:///{path}", path, gallery_template.tracklets,
+                   gallery_template.identities, gallery_template.stray_identity)
+
+
+def app_for(monkeypatch, url: str, **params):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("KEYREID_DASHBOARD_DB", url)
+    for name in ("CHECKPOINT", "MODEL", "DEVICE"):
+        monkeypatch.delenv(f"KEYREID_DASHBOARD_{name}", raising=False)
+    at = AppTest.from_file(SCRIPT, default_timeout=TIMEOUT)
+    for key, value in params.items():
+        at.query_params[key] = str(value)
+    return at.run()
+
+
+def texts(at) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "success")
+             for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def file_state(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def test_overview_lists_cameras_counts_and_activity(gallery, monkeypatch):
+    at = app_for(monkeypatch, gallery.url)
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Cameras"] == "3"
+    assert metrics["Tracklets"] == str(sum(len(c) for c in PEOPLE.values()))
+    assert metrics["Identities"] == str(len(PEOPLE) + 1)
+    table = at.dataframe[0].value
+    assert list(table["camera"]) == list(CAMERAS)
+    assert list(table["tracklets"]) == [sum(c in cams for cams in PEOPLE.values()) for c in CAMERAS]
+    assert list(table["clips"]) == [2 * t for t in table["tracklets"]]
+    assert list(table["fps"]) == [9.5, 9.5, 9.5]
+    assert at.get("vega_lite_chart"), "the activity timeline is drawn"
+
+
+def test_search_by_tracklet_ranks_the_known_match_first(gallery, monkeypatch):
+    query = gallery.tracklets[1, "cam_a"]
+    at = app_for(monkeypatch, gallery.url, page="tracklet", tracklet=query)
+    assert not at.exception
+    results = at.dataframe[0].value
+    assert results["tracklet"].iloc[0] == gallery.tracklets[1, "cam_b"]
+    assert bool(results["same identity"].iloc[0])
+    assert "cam_a" not in set(results["camera"]), "matches come from the other cameras"
+    assert list(results["rank"]) == list(range(1, len(results) + 1))
+    assert "same identity" in texts(at)
+
+
+def test_search_by_tracklet_picks_from_the_grid_and_obeys_the_sliders(gallery, monkeypatch):
+    at = app_for(monkeypatch, gallery.url, page="tracklet")
+    assert "Choose a tracklet" in texts(at)
+    at.button(key=f"pick_{gallery.tracklets[0, 'cam_a']}").click().run()
+    results = at.dataframe[0].value
+    assert list(results["tracklet"][:2]) == sorted(
+        [gallery.tracklets[0, "cam_b"], gallery.tracklets[0, "cam_c"]],
+        key=list(results["tracklet"]).index)
+    assert set(results["tracklet"][:2]) == {gallery.tracklets[0, "cam_b"],
+                                            gallery.tracklets[0, "cam_c"]}
+    at.slider(key="tracklet_k").set_value(1).run()
+    assert len(at.dataframe[0].value) == 1
+    at.slider(key="tracklet_cut").set_value(0.0).run()
+    assert "No match" in texts(at)
+
+
+def test_grid_paginates(gallery, monkeypatch):
+    import app.dashboard as dashboard_module  # noqa: F401  (imports the script's constants)
+
+    at = app_for(monkeypatch, gallery.url, page="tracklet")
+    picks = [b for b in at.button if b.key and b.key.startswith("pick_")]
+    assert len(picks) == sum("cam_a" in c for c in PEOPLE.values())
+
+
+def test_identity_view_shows_every_camera_and_decisions(gallery, monkeypatch):
+    identity = gallery.identities[0]
+    at = app_for(monkeypatch, gallery.url, page="identity", identity=identity)
+    assert not at.exception
+    headers = [s.value for s in at.subheader]
+    for camera in PEOPLE[0]:
+        assert f"Camera Camera {camera[-1].upper()}" in headers
+    decisions = at.dataframe[0].value
+    assert set(decisions["tracklet"]) == {gallery.tracklets[0, c] for c in PEOPLE[0]}
+    assert set(decisions["kind"]) == {"new", "linked"}
+    assert decisions["distance"].dropna().round(2).tolist() == [0.6, 0.7]
+    assert len(at.get("imgs")) >= 1 or len(at.image) == len(PEOPLE[0])
+
+
+def test_merge_and_split_change_the_database(gallery, monkeypatch):
+    keep = gallery.identities[3]
+    at = app_for(monkeypatch, gallery.url, page="identity", identity=keep)
+    at.number_input(key="merge_other").set_value(gallery.stray_identity).run()
+    at.button(key="merge").click().run()
+    assert not at.exception
+    assert "Merged identity" in texts(at)
+    with open_repository(gallery.url, readonly=True) as repo:
+        members = {t.id for t in repo.identity_members(keep, thumbnails=False)}
+        assert members == {gallery.tracklets[3, "cam_a"], gallery.tracklets[3, "cam_b"]}
+        assert repo.get_identity(gallery.stray_identity).merged_into == keep
+    moved = gallery.tracklets[3, "cam_b"]
+    at.selectbox(key="split_tracklet").set_value(moved).run()
+    at.button(key="split").click().run()
+    assert "now forms identity" in texts(at)
+    with open_repository(gallery.url, readonly=True) as repo:
+        tracklet = repo.get_tracklet(moved)
+        assert tracklet.identity_id not in (keep, gallery.stray_identity)
+        assert [d.kind for d in repo.link_decisions(tracklet_id=moved)][-1] == "split"
+        assert {t.id for t in repo.identity_members(keep)} == {gallery.tracklets[3, "cam_a"]}
+
+
+def test_search_by_upload_finds_people_in_a_photo(gallery, monkeypatch):
+    import ultralytics
+
+    photo = Path(ultralytics.__file__).parent / "assets" / "bus.jpg"
+    at = app_for(monkeypatch, gallery.url, page="upload")
+    assert "keyreid_vit_tiny" in texts(at) and "run 1 configuration" in texts(at)
+    at.file_uploader[0].set_value(("bus.jpg", photo.read_bytes(), "image/jpeg")).run()
+    assert not at.exception
+    assert not at.error, [e.value for e in at.error]
+    results = at.dataframe[0].value
+    # The untrained encoder ranks arbitrarily; what matters is that the whole path runs.
+    assert len(results) == sum(len(c) for c in PEOPLE.values())
+    assert len(at.image) >= 4, "the 4-frame query clip is shown"
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("notes.txt", b"this is not an image", "not an image"),
+    ("empty.png", b"", "empty"),
+])
+def test_upload_refuses_non_images(gallery, monkeypatch, name, data, message):
+    before = file_state(gallery.path)
+    at = app_for(monkeypatch, gallery.url, page="upload")
+    at.file_uploader[0].set_value((name, data, "application/octet-stream")).run()
+    assert not at.exception
+    assert any(message in e.value and name in e.value for e in at.error)
+    assert file_state(gallery.path) == before
+
+
+@pytest.mark.parametrize("side, message", [
+    (7_000, "megapixel limit"),  # 49 Mpx: under PIL's own bomb limit, over the dashboard's
+    (20_000, "decompression bomb"),  # 400 Mpx in ~50 kB: PIL refuses it too
+])
+def test_upload_refuses_huge_images(gallery, monkeypatch, side, message):
+    bomb = io.BytesIO()
+    Image.new("1", (side, side)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 200_000
+    before = file_state(gallery.path)
+    at = app_for(monkeypatch, gallery.url, page="upload")
+    at.file_uploader[0].set_value(("bomb.png", bomb.getvalue(), "image/png")).run()
+    assert not at.exception
+    assert any(message in e.value and "bomb.png" in e.value for e in at.error)
+    assert file_state(gallery.path) == before
+
+
+def test_upload_of_a_photo_without_people(gallery, monkeypatch):
+    blank = io.BytesIO()
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(blank, format="PNG")
+    at = app_for(monkeypatch, gallery.url, page="upload")
+    at.file_uploader[0].set_value(("wall.png", blank.getvalue(), "image/png")).run()
+    assert not at.exception
+    assert any("nobody was found" in e.value for e in at.error)
+
+
+def test_empty_database_shows_messages_on_every_page(tmp_path, monkeypatch):
+    path = tmp_path / "empty.db"
+    open_repository(f"sqlite:///{path}").close()
+    before = file_state(path)
+    for page in ("overview", "tracklet", "upload", "identity"):
+        at = app_for(monkeypatch, f"sqlite:///{path}", page=page)
+        assert not at.exception, page
+        assert at.info, f"{page}: an explanation is shown"
+    assert file_state(path) == before
+
+
+def test_missing_database_is_reported_and_not_created(tmp_path, monkeypatch):
+    path = tmp_path / "nowhere.db"
+    at = app_for(monkeypatch, f"sqlite:///{path}")
+    assert not at.exception
+    assert "does not exist" in at.error[0].value
+    assert not path.exists()
+
+
+def test_newer_schema_is_refused_untouched(gallery, monkeypatch):
+    import sqlite3
+
+    conn = sqlite3.connect(gallery.path)
+    with conn:
+        conn.execute("UPDATE schema_meta SET value = ? WHERE key = 'schema_version'",
+                     (str(SCHEMA_VERSION + 1),))
+    conn.close()
+    before = file_state(gallery.path)
+    at = app_for(monkeypatch, gallery.url)
+    assert not at.exception
+    assert "schema version" in at.error[0].value and "did not open it" in at.error[0].value
+    assert file_state(gallery.path) == before
