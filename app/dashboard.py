@@ -45,6 +45,7 @@ GRID_COLUMNS = 6
 GRID_PAGE_SIZE = 24
 IDENTITY_PAGE_SIZE = 50
 POSE_IMGSZ = 1280
+THUMBNAIL_WIDTH = 120
 
 
 # -- cached resources (shared by every browser session of this server) -----------------------
@@ -106,9 +107,14 @@ def flash(message: str) -> None:
 
 def show_image(data: bytes | None, caption: str) -> None:
     if data:
-        st.image(data, caption=caption, width="stretch")
+        st.image(data, caption=caption, width=THUMBNAIL_WIDTH)
     else:
         st.caption(f"(no thumbnail) {caption}")
+
+
+def camera_label(camera_id: str, names: dict[str, str]) -> str:
+    name = names.get(camera_id, camera_id)
+    return name if name == camera_id else f"{name} ({camera_id})"
 
 
 def pager(label: str, total: int, page_size: int, key: str) -> int:
@@ -185,9 +191,9 @@ def overview_page(repo: Repository, index: GalleryIndex | None, cameras, filters
     if not points:
         st.info("No tracklets recorded yet.")
         return
-    chart = (alt.Chart(alt.Data(values=points)).mark_line(point=True)
-             .encode(x=alt.X("time (s):Q", title="video time (s)"),
-                     y=alt.Y("tracklets started:Q"), color="camera:N",
+    chart = (alt.Chart(alt.Data(values=points)).mark_bar()
+             .encode(x=alt.X("time (s):Q", title="video time (s)"), x2="end (s):Q",
+                     y=alt.Y("tracklets started:Q", stack="zero"), color="camera:N",
                      tooltip=["camera:N", "time (s):Q", "tracklets started:Q"]))
     st.altair_chart(chart, width="stretch")
 
@@ -302,7 +308,7 @@ def upload_page(repo: Repository, index: GalleryIndex | None, cameras, filters,
         st.warning(note)
     st.caption(f"Query clip from {', '.join(query.sources)} ({len(query.clip.crops)} frames):")
     for column, crop in zip(st.columns(GRID_COLUMNS), query.clip.crops):
-        column.image(crop, width="stretch")
+        column.image(crop, width=THUMBNAIL_WIDTH)
     k, max_distance = result_controls(index, "upload")
     found = search_by_descriptor(repo, index, descriptor, k, camera_ids=filters["cameras"],
                                  time_range=filters["time_range"], max_distance=max_distance)
@@ -353,7 +359,7 @@ def identity_page(repo: Repository, settings: DashboardSettings, cameras) -> Non
                          tooltip=["tracklet:Q", "camera:N", "from:Q", "to:Q"]))
         st.altair_chart(chart, width="stretch")
         for camera_id in identity.camera_ids:
-            st.subheader(f"Camera {names.get(camera_id, camera_id)}")
+            st.subheader(camera_label(camera_id, names))
             seen = [t for t in members if t.camera_id == camera_id]
             for start in range(0, len(seen), GRID_COLUMNS):
                 for column, t in zip(st.columns(GRID_COLUMNS), seen[start:start + GRID_COLUMNS]):

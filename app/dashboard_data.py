@@ -137,7 +137,8 @@ def camera_rows(repo: Repository, cameras: list[CameraRecord],
 def activity_points(repo: Repository, cameras: list[CameraRecord],
                     bucket_seconds: float) -> list[dict]:
     """Tracklets started per time bucket and camera, as chart rows."""
-    return [{"time (s)": b.start, "tracklets started": b.count, "camera": c.id}
+    return [{"time (s)": b.start, "end (s)": b.start + bucket_seconds,
+             "tracklets started": b.count, "camera": c.id}
             for c in cameras for b in repo.activity(c.id, bucket_seconds=bucket_seconds)]
 
 

@@ -165,12 +165,19 @@ def test_search_by_tracklet_picks_from_the_grid_and_obeys_the_sliders(gallery, m
     assert "No match" in texts(at)
 
 
-def test_grid_paginates(gallery, monkeypatch):
-    import app.dashboard as dashboard_module  # noqa: F401  (imports the script's constants)
-
+def test_tracklet_grid_paginates_a_large_camera(gallery, monkeypatch):
+    with open_repository(gallery.url) as repo:
+        run = repo.list_runs()[-1].id
+        for track in range(30):
+            repo.add_tracklet(run, "cam_a", track_id=100 + track, first_frame=track,
+                              first_time=70.0 + track, thumbnail=thumbnail((90, 90, 90)))
     at = app_for(monkeypatch, gallery.url, page="tracklet")
-    picks = [b for b in at.button if b.key and b.key.startswith("pick_")]
-    assert len(picks) == sum("cam_a" in c for c in PEOPLE.values())
+    pick_keys = lambda: [b.key for b in at.button if b.key and b.key.startswith("pick_")]
+    assert len(pick_keys()) == 24
+    first_page = set(pick_keys())
+    at.number_input(key="grid_page_cam_a").set_value(2).run()
+    assert len(pick_keys()) == 33 - 24 and not first_page & set(pick_keys())
+    assert "showing 25–33" in texts(at)
 
 
 def test_identity_view_shows_every_camera_and_decisions(gallery, monkeypatch):
@@ -179,12 +186,11 @@ def test_identity_view_shows_every_camera_and_decisions(gallery, monkeypatch):
     assert not at.exception
     headers = [s.value for s in at.subheader]
     for camera in PEOPLE[0]:
-        assert f"Camera Camera {camera[-1].upper()}" in headers
+        assert f"Camera {camera[-1].upper()} ({camera})" in headers
     decisions = at.dataframe[0].value
     assert set(decisions["tracklet"]) == {gallery.tracklets[0, c] for c in PEOPLE[0]}
     assert set(decisions["kind"]) == {"new", "linked"}
     assert decisions["distance"].dropna().round(2).tolist() == [0.6, 0.7]
-    assert len(at.get("imgs")) >= 1 or len(at.image) == len(PEOPLE[0])
 
 
 def test_merge_and_split_change_the_database(gallery, monkeypatch):
