@@ -10,6 +10,7 @@ be bookmarked or shared.
 """
 from __future__ import annotations
 
+import json
 import threading
 
 import altair as alt
@@ -32,7 +33,7 @@ from app.dashboard_data import (
     split_tracklet,
     time_bounds,
 )
-from app.dashboard_upload import UploadedFile, UploadError, build_query_clip
+from app.dashboard_upload import ClipPolicy, UploadedFile, UploadError, build_query_clip
 from storage import GalleryIndex, Repository, StorageError
 
 PAGES = {
@@ -61,10 +62,10 @@ def gallery(_repo: Repository, url: str, model_id: str | None, clips: int) -> Ga
 
 
 @st.cache_resource(show_spinner="Loading the re-id encoder…")
-def encoder(checkpoint: str | None, model: str, device: str | None):
+def encoder(checkpoint: str | None, model: str, overrides: str, device: str | None):
     from reid import Encoder
 
-    return Encoder(checkpoint=checkpoint, model=model, device=device)
+    return Encoder(checkpoint=checkpoint, model=model, device=device, **json.loads(overrides))
 
 
 @st.cache_resource(show_spinner="Loading the person detector…")
@@ -271,7 +272,7 @@ def upload_page(repo: Repository, index: GalleryIndex | None, cameras, filters,
                "same network only, so this must be the encoder the watcher used "
                "(`keyreid-dashboard --checkpoint ...` to choose it).")
     try:
-        network = encoder(choice.checkpoint, choice.model, settings.device)
+        network = encoder(choice.checkpoint, choice.model, choice.overrides, settings.device)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         st.error(f"Cannot load the encoder {source}: {exc}")
         return
@@ -294,7 +295,8 @@ def upload_page(repo: Repository, index: GalleryIndex | None, cameras, filters,
         tracker, lock = person_tracker()
         try:
             with st.spinner("Finding the person and encoding…"), lock:
-                query = build_query_clip(files, tracker, network.num_frames,
+                policy = ClipPolicy(network.num_frames, choice.crop_margin, choice.clip_size)
+                query = build_query_clip(files, tracker, policy,
                                          max_bytes=int(settings.max_upload_mb * 2**20))
                 descriptor = network.encode(query.clip.crops[None], query.clip.keypoints[None])[0]
         except UploadError as exc:

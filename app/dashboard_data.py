@@ -7,6 +7,7 @@ open a short-lived normal repository, never the watcher's writer lock.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -203,35 +204,41 @@ def search_by_descriptor(repo: Repository, gallery: GalleryIndex, descriptor: np
 
 @dataclass(frozen=True)
 class EncoderChoice:
-    """Which encoder a search by upload uses, and why (shown in the UI)."""
+    """How a search by upload makes its query (shown in the UI): the encoder, and the crop
+    margin and size of the watcher's clips. `overrides` is JSON (model options), hashable."""
 
     checkpoint: str | None
     model: str
     reason: str
+    overrides: str = "{}"
+    crop_margin: float = 0.1
+    clip_size: tuple[int, int] = (256, 128)
 
 
 def choose_encoder(settings: DashboardSettings, repo: Repository) -> EncoderChoice:
-    """The dashboard option first, else the encoder of the watcher's latest run, else the default.
+    """The dashboard option first, else the watcher's latest run, else the untrained default.
 
-    The watcher's run config is searched for `checkpoint` / `model` keys at its top level and
-    in an `encoder` or `reid` section, so a query descriptor comes from the same network as
-    the stored ones (the caller still checks the resulting model id against the gallery).
+    The run config is the watcher's `WatchConfig.to_dict()`: its `reid` section names the
+    checkpoint / model / overrides and its `clips` section the crop policy, so the query
+    descriptor comes from the same network and the same kind of crop as the stored ones (the
+    caller still checks the encoder's model id against the gallery's).
     """
+    runs = repo.list_runs()
+    config = runs[-1].config if runs else {}
+    reid = config.get("reid") if isinstance(config.get("reid"), dict) else {}
+    clips = config.get("clips") if isinstance(config.get("clips"), dict) else {}
+    crop = {"crop_margin": float(clips.get("crop_margin", 0.1)),
+            "clip_size": tuple(int(v) for v in clips.get("size", (256, 128)))}
     if settings.checkpoint or settings.model:
         return EncoderChoice(settings.checkpoint, settings.model or DEFAULT_MODEL,
-                             "given on the dashboard's command line")
-    runs = repo.list_runs()
-    if runs:
-        config = runs[-1].config
-        sections = [config] + [config[key] for key in ("encoder", "reid")
-                               if isinstance(config.get(key), dict)]
-        checkpoint = next((s["checkpoint"] for s in sections if s.get("checkpoint")), None)
-        model = next((s["model"] for s in sections if isinstance(s.get("model"), str)), None)
-        if checkpoint or model:
-            return EncoderChoice(str(checkpoint) if checkpoint else None, model or DEFAULT_MODEL,
-                                 f"taken from the watcher's run {runs[-1].id} configuration")
+                             "given on the dashboard's command line", **crop)
+    if reid:
+        return EncoderChoice(reid.get("checkpoint") or None, reid.get("model") or DEFAULT_MODEL,
+                             f"taken from the watcher's run {runs[-1].id} configuration",
+                             json.dumps(reid.get("overrides") or {}, sort_keys=True), **crop)
     return EncoderChoice(None, DEFAULT_MODEL,
-                         "default: no checkpoint given and none found in the watcher's runs")
+                         "default: no checkpoint given and none found in the watcher's runs",
+                         **crop)
 
 
 def merge_identities(url: str, keep_id: int, merge_id: int) -> list[int]:

@@ -132,11 +132,20 @@ def _largest(detections: Sequence[Detection]) -> Detection | None:
     return max(detections, key=lambda d: d.width * d.height, default=None)
 
 
-def _buffer(count: int, clip_length: int) -> TrackletBuffer:
-    # One window over everything uploaded: the clip is sampled across all of it.
-    window = max(count, clip_length)
-    return TrackletBuffer("upload", clip_length=clip_length, window=window, overlap=0,
-                          lost_after=window + 1)
+@dataclass(frozen=True)
+class ClipPolicy:
+    """The watcher's clip shape: frames per clip, crop margin and crop size (height, width)."""
+
+    length: int = 4
+    crop_margin: float = 0.1
+    size: tuple[int, int] = (256, 128)
+
+    def buffer(self, count: int) -> TrackletBuffer:
+        # One window over everything uploaded: the clip is sampled across all of it.
+        window = max(count, self.length)
+        return TrackletBuffer("upload", clip_length=self.length, window=window, overlap=0,
+                              lost_after=window + 1, clip_size=self.size,
+                              crop_margin=self.crop_margin)
 
 
 def _first_clip(buffer: TrackletBuffer, ready: list[Clip], track_id: int) -> Clip:
@@ -145,7 +154,7 @@ def _first_clip(buffer: TrackletBuffer, ready: list[Clip], track_id: int) -> Cli
 
 
 def clip_from_images(images: Sequence[tuple[str, np.ndarray]], tracker: PersonTracker,
-                     clip_length: int) -> QueryClip:
+                     policy: ClipPolicy) -> QueryClip:
     """The largest person of each image, as one clip (images in upload order)."""
     found: list[tuple[str, np.ndarray, Detection]] = []
     notes: list[str] = []
@@ -159,7 +168,7 @@ def clip_from_images(images: Sequence[tuple[str, np.ndarray]], tracker: PersonTr
     if not found:
         raise UploadError("nobody was found in the uploaded image(s): upload photos in which a "
                           "person is clearly visible (whole body preferred)")
-    buffer = _buffer(len(found), clip_length)
+    buffer = policy.buffer(len(found))
     ready: list[Clip] = []
     for index, (_, image, person) in enumerate(found):
         detection = Detection(box=person.box, score=person.score, track_id=UPLOAD_TRACK_ID,
@@ -170,10 +179,10 @@ def clip_from_images(images: Sequence[tuple[str, np.ndarray]], tracker: PersonTr
 
 
 def clip_from_video(name: str, frames: Sequence[VideoFrame], tracker: PersonTracker,
-                    clip_length: int) -> QueryClip:
+                    policy: ClipPolicy) -> QueryClip:
     """The person with the largest total box area over the video (tracked), as one clip."""
     tracker.reset()
-    buffer = _buffer(len(frames), clip_length)
+    buffer = policy.buffer(len(frames))
     area: dict[int, float] = {}
     ready: list[Clip] = []
     for frame in frames:
@@ -189,7 +198,7 @@ def clip_from_video(name: str, frames: Sequence[VideoFrame], tracker: PersonTrac
     return QueryClip(_first_clip(buffer, ready, chosen), (name,), notes)
 
 
-def build_query_clip(files: Sequence[UploadedFile], tracker: PersonTracker, clip_length: int, *,
+def build_query_clip(files: Sequence[UploadedFile], tracker: PersonTracker, policy: ClipPolicy, *,
                      max_bytes: int, max_pixels: int = MAX_IMAGE_PIXELS) -> QueryClip:
     """One query clip from the uploads: a single video, or one or more images."""
     if not files:
@@ -202,7 +211,7 @@ def build_query_clip(files: Sequence[UploadedFile], tracker: PersonTracker, clip
             raise UploadError("upload either one video or one or more images, not both "
                               f"(got {', '.join(f.name for f in files)})")
         return clip_from_video(videos[0].name, load_video(videos[0], max_pixels), tracker,
-                               clip_length)
+                               policy)
     images = [(f.name, load_image(f, max_pixels)) for f in files]
-    return clip_from_images(images, tracker, clip_length)
+    return clip_from_images(images, tracker, policy)
 

@@ -53,7 +53,9 @@ def build_gallery(path: Path) -> Gallery:
     identities: dict[int, int] = {}
     with open_repository(url) as repo:
         repo.acquire_writer("test")
-        run = repo.start_run({"encoder": {"model": "keyreid_vit_tiny"}})
+        run = repo.start_run({"reid": {"checkpoint": None, "model": "keyreid_vit_tiny",
+                                       "overrides": {}},
+                              "clips": {"crop_margin": 0.1, "size": [256, 128]}})
         for index, camera in enumerate(CAMERAS):
             repo.upsert_camera(camera, name=f"Camera {camera[-1].upper()}", source=f"{camera}.mp4")
             repo.update_camera_status(camera, status="running", last_frame_time=120.0, fps=9.5,
