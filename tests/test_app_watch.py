@@ -1,0 +1,228 @@
+"""keyreid-watch end to end on a synthetic video with real people (bus.jpg panned, written with
+PyAV) split into two virtual cameras: clips, tracklets, descriptors, linking; broken cameras
+failing alone; kill -9, restart, a second watcher, SIGTERM."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from storage import open_repository
+from tracking.detector import WeightsNotFoundError, find_pose_weights
+from tracking.synthetic import write_video
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(importlib.util.find_spec("ultralytics").submodule_search_locations[0]) / "assets"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def weights() -> Path:
+    try:
+        return find_pose_weights()
+    except WeightsNotFoundError as exc:
+        pytest.skip(f"no pose weights offline: {exc}")
+
+
+def _bus_video(path: Path, num_frames: int) -> Path:
+    """bus.jpg (4 people) panned back and forth a few pixels per frame, 400x560, 10 fps."""
+    bus = cv2.cvtColor(cv2.imread(str(ASSETS / "bus.jpg")), cv2.COLOR_BGR2RGB)
+    bus = cv2.resize(bus, (432, 576), interpolation=cv2.INTER_AREA)
+    frames = []
+    for i in range(num_frames):
+        k = i % 16 if (i // 16) % 2 == 0 else 15 - i % 16
+        frames.append(np.ascontiguousarray(bus[8 - k // 2: 8 - k // 2 + 560, 2 * k: 2 * k + 400]))
+    return write_video(path, frames, fps=10)
+
+
+def _config(folder: Path, weights: Path, cameras: str, db: str = "watch.db") -> Path:
+    path = folder / "cams.yaml"
+    path.write_text(textwrap.dedent(f"""
+        database: sqlite:///{db}
+        detector: {{weights: {weights}, imgsz: 640}}
+        keypoints: {{backend: yolo-pose}}
+        reid: {{overrides: {{depth: 2}}, batch_size: 8, max_wait: 0.2}}
+        clips: {{window: 8, overlap: 4, lost_after: 10}}
+        linking: {{threshold: 1.0}}
+        cameras:
+    """) + textwrap.indent(textwrap.dedent(cameras), "  "))
+    return path
+
+
+HALVES = """
+- {id: left, source: bus.mkv, crop: [0, 0, 200, 560], max_fps: null}
+- {id: right, source: bus.mkv, crop: [200, 0, 200, 560], max_fps: null}
+"""
+
+
+def _watch(config: Path, *args: str, wait: bool = True, timeout: float = 240):
+    command = [sys.executable, "-m", "app.watch", "--cameras", str(config), *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _clip_count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with open_repository(f"sqlite:///{db}", readonly=True) as repo:
+            return repo.stats().clips
+    except Exception:  # noqa: BLE001 - the schema may not exist yet while the watcher starts
+        return 0
+
+
+def _wait_for(condition, timeout: float, what: str, process=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"watcher exited ({process.returncode}) before {what}:\n"
+                        f"{process.stdout.read()}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory, weights):
+    folder = tmp_path_factory.mktemp("watch")
+    _bus_video(folder / "bus.mkv", 40)
+    config = _config(folder, weights, HALVES)
+    result = _watch(config)
+    return folder, result
+
+
+def test_two_virtual_cameras_give_tracklets_clips_descriptors_and_identities(synthetic_run):
+    folder, result = synthetic_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "camera left: finished" in result.stderr and "camera right: finished" in result.stderr
+
+    from reid import Encoder
+    dim = Encoder(depth=2).dim
+    with open_repository(f"sqlite:///{folder / 'watch.db'}", readonly=True) as repo:
+        runs = repo.list_runs()
+        assert [r.status for r in runs] == ["finished"]
+        cameras = {c.id: c for c in repo.list_cameras()}
+        assert {c: cameras[c].status for c in cameras} == {"left": "finished", "right": "finished"}
+        assert cameras["left"].frames_processed == 40 and cameras["left"].crop == (0, 0, 200, 560)
+        tracklets = repo.list_tracklets(thumbnails=True)
+        assert {t.camera_id for t in tracklets} == {"left", "right"}
+        for tracklet in tracklets:
+            assert tracklet.finished and tracklet.identity_id is not None
+            thumb = cv2.imdecode(np.frombuffer(tracklet.thumbnail, np.uint8), cv2.IMREAD_COLOR)
+            assert thumb.shape == (256, 128, 3)
+            clips = repo.tracklet_clips(tracklet.id)
+            assert clips, f"tracklet {tracklet.id} has no clip"
+            for clip in clips:
+                frames = clip.frame_indices
+                assert len(frames) == 4 and clip.descriptor_dim == dim
+                assert clip.descriptor.shape == (dim,) and np.isfinite(clip.descriptor).all()
+                assert tracklet.first_frame <= frames[0] and frames[-1] <= tracklet.last_frame
+                assert all(a <= b for a, b in zip(frames, frames[1:]))
+                assert len(clip.boxes) == 4 and clip.keypoints.shape == (4, 17, 3)
+            regular = [c for c in clips if len(set(c.frame_indices)) == 4]
+            assert all(a < b for c in regular for a, b in zip(c.frame_indices, c.frame_indices[1:]))
+        per_camera = {c: sum(len(repo.tracklet_clips(t.id)) for t in tracklets if t.camera_id == c)
+                      for c in ("left", "right")}
+        assert per_camera["left"] >= 2 and per_camera["right"] >= 2, per_camera
+        decisions = repo.link_decisions()
+        assert {d.tracklet_id for d in decisions} == {t.id for t in tracklets}
+        assert repo.count_identities() >= 1
+
+
+def test_broken_cameras_fail_alone_while_the_good_one_finishes(tmp_path, weights):
+    _bus_video(tmp_path / "bus.mkv", 24)
+    (tmp_path / "random.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
+    whole = (tmp_path / "bus.mkv").read_bytes()
+    (tmp_path / "truncated.mkv").write_bytes(whole[: len(whole) // 3])
+    config = _config(tmp_path, weights, """
+        - {id: good, source: bus.mkv, max_fps: null}
+        - {id: missing, source: nowhere.mp4}
+        - {id: noise, source: random.mp4}
+        - {id: cut, source: truncated.mkv, max_fps: null}
+    """)
+    result = _watch(config)
+    assert result.returncode == 1, result.stderr
+    log = result.stderr
+    assert "camera good: finished" in log
+    assert "camera missing FAILED" in log and "file not found" in log
+    assert "camera noise FAILED" in log
+    assert "camera cut FAILED" in log and "truncated" in log
+    with open_repository(f"sqlite:///{tmp_path / 'watch.db'}", readonly=True) as repo:
+        status = {c.id: c.status for c in repo.list_cameras()}
+        assert status["good"] == "finished"
+        assert all(status[c].startswith("failed: ") for c in ("missing", "noise", "cut"))
+        assert repo.count_tracklets(camera_ids=["good"]) >= 2
+        assert repo.list_runs()[-1].status.startswith("failed cameras:")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(tmp_path, weights):
+    _bus_video(tmp_path / "bus.mkv", 120)
+    config = _config(tmp_path, weights, HALVES)
+    db = tmp_path / "watch.db"
+    first = _watch(config, "--realtime", wait=False)
+    try:
+        _wait_for(lambda: _clip_count(db) >= 2, 180, "the first clips", first)
+        refused = _watch(config)
+        assert refused.returncode == 3
+        assert "already has a writer" in refused.stderr and "keyreid-watch" in refused.stderr
+        workers = _children(first.pid)
+        committed = _clip_count(db)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # orphaned camera workers notice their parent is gone and exit on their own
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and
+                                              "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+                                              for p in workers):
+        time.sleep(0.3)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()
+             and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+    assert not alive, f"camera workers still running after kill -9 of the watcher: {alive}"
+
+    with open_repository(f"sqlite:///{db}", readonly=True) as repo:
+        assert repo.integrity_check() == ["ok"]
+        assert repo.stats().clips >= committed
+        kept = repo.stats().clips
+
+    # restart: a new run, the killed one is marked aborted; SIGTERM stops it cleanly
+    second = _watch(config, "--realtime", wait=False)
+    try:
+        _wait_for(lambda: _clip_count(db) >= kept + 2, 180, "clips of the second run", second)
+        stop = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        output, _ = second.communicate(timeout=30)
+        assert second.returncode == 0, output
+        assert time.monotonic() - stop < 15
+    finally:
+        if second.poll() is None:
+            second.kill()
+    with open_repository(f"sqlite:///{db}", readonly=True) as repo:
+        runs = repo.list_runs()
+        assert [r.status for r in runs][0].startswith("aborted")
+        assert runs[1].status == "stopped" and runs[1].ended_at is not None
+        second_run = repo.list_tracklets(run_id=runs[1].id)
+        assert second_run and all(t.finished for t in second_run)
+        assert repo.integrity_check() == ["ok"]
