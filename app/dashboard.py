@@ -106,9 +106,10 @@ def flash(message: str) -> None:
     st.rerun()
 
 
-def show_image(data: bytes | None, caption: str) -> None:
+def show_image(data: bytes | None, caption: str, width: int | str = THUMBNAIL_WIDTH) -> None:
+    """A thumbnail; `width="stretch"` fills a narrow column instead of overflowing it."""
     if data:
-        st.image(data, caption=caption, width=THUMBNAIL_WIDTH)
+        st.image(data, caption=caption, width=width)
     else:
         st.caption(f"(no thumbnail) {caption}")
 
@@ -148,7 +149,8 @@ def show_results(results: list[AnnotatedHit], cameras: dict[str, str]) -> None:
             hit = item.hit
             with column:
                 thumb = item.tracklet.thumbnail if item.tracklet else None
-                show_image(thumb, f"#{hit.rank} · {cameras.get(hit.camera_id, hit.camera_id)}")
+                show_image(thumb, f"#{hit.rank} · {cameras.get(hit.camera_id, hit.camera_id)}",
+                           width="stretch")
                 identity = item.tracklet.identity_id if item.tracklet else hit.identity_id
                 st.markdown(
                     f"**distance {hit.distance:.3f}**  \n"
@@ -310,7 +312,7 @@ def upload_page(repo: Repository, index: GalleryIndex | None, cameras, filters,
         st.warning(note)
     st.caption(f"Query clip from {', '.join(query.sources)} ({len(query.clip.crops)} frames):")
     for column, crop in zip(st.columns(GRID_COLUMNS), query.clip.crops):
-        column.image(crop, width=THUMBNAIL_WIDTH)
+        column.image(crop, width="stretch")
     k, max_distance = result_controls(index, "upload")
     found = search_by_descriptor(repo, index, descriptor, k, camera_ids=filters["cameras"],
                                  time_range=filters["time_range"], max_distance=max_distance)

@@ -61,6 +61,7 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
         "--server.runOnSave", "false",
         "--server.maxUploadSize", str(max(1, int(-(-args.max_upload_mb // 1)))),
         "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",
         "--global.developmentMode", "false",
     ]
 
