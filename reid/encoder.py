@@ -58,7 +58,9 @@ class Encoder:
         else:
             network = build_model(model, seed=UNTRAINED_SEED, **overrides)
             self.model_name = model
-            self.model_id = f"{model}@untrained-seed{UNTRAINED_SEED}"
+            # The id names everything that shapes the weights, so stores never mix embeddings.
+            changed = "".join(f",{k}={v}" for k, v in sorted(overrides.items())).replace(" ", "")
+            self.model_id = f"{model}{'[' + changed[1:] + ']' if changed else ''}@untrained-seed{UNTRAINED_SEED}"
             self.trained = False
             log.warning(
                 "\n%s\nNO RE-ID CHECKPOINT: %s is randomly initialised. Its embeddings are UNTRAINED and will\n"

@@ -25,7 +25,8 @@ def test_untrained_encoder_says_so_loudly_and_is_reproducible(caplog):
     with caplog.at_level(logging.WARNING):
         first = reid.Encoder(model="keyreid_vit_tiny", device="cpu", **TINY)
     assert "UNTRAINED" in caplog.text
-    assert not first.trained and "untrained" in first.model_id
+    assert not first.trained and first.model_id == "keyreid_vit_tiny[depth=2,img_size=(64,32)]@untrained-seed0"
+    assert reid.Encoder(device="cpu").model_id == "keyreid_vit_tiny@untrained-seed0"
     second = reid.Encoder(model="keyreid_vit_tiny", device="cpu", **TINY)
     frames, keypoints = _clips()
     a = first.encode(frames, keypoints, [0, 1, -1])
