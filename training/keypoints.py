@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from reid.keypoints import NUM_KEYPOINTS
 from training.datasets import build_dataset
+from training.evaluate import parse_key_values
 from training.records import TrackletRecord, keypoint_cache_path
 from training.transforms import load_frame
 
@@ -134,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True, choices=["mars", "ilidsvid", "synthetic"])
     parser.add_argument("--root", required=True)
     parser.add_argument("--backend", required=True, choices=ESTIMATOR_BACKENDS)
+    parser.add_argument("--dataset-opt", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dataset options (e.g. the synthetic generator's num_ids=16)")
     parser.add_argument("--weights", default=None, help="yolo-pose weights (default: tracking.detector.find_pose_weights)")
     parser.add_argument("--imgsz", type=int, default=320, help="yolo-pose inference size for the crops")
     parser.add_argument("--pifpaf-checkpoint", default="shufflenetv2k16")
@@ -146,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         estimator = yolo_pose_estimator(args.weights, args.imgsz, device=args.device)
     else:
         estimator = pifpaf_estimator(args.pifpaf_checkpoint, device=args.device or "cpu")
-    records = dataset_records(args.dataset, args.root)
+    records = dataset_records(args.dataset, args.root, parse_key_values(args.dataset_opt))
     counts = extract_keypoints(records, args.root, args.backend, estimator, args.batch_size,
                                progress=not args.no_progress)
     print(f"{counts['written']} tracklets written, {counts['skipped']} already cached; "
