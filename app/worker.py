@@ -143,6 +143,34 @@ def _parent_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
+class _TrackletIds:
+    """The watcher's own track numbers, 1, 2, ... per camera: one per tracklet.
+
+    A tracker may report an id again after `TrackletBuffer` has ended that track (its
+    `lost_after` is shorter than the tracker's memory, or the source reconnected); that is a
+    new tracklet, so it gets a new number and stored track ids stay unique per camera and run.
+    """
+
+    def __init__(self) -> None:
+        self.current: dict[int, int] = {}
+        self.count = 0
+
+    def relabel(self, detections: list[Detection]) -> list[Detection]:
+        out = []
+        for d in detections:
+            number = self.current.get(d.track_id)
+            if number is None:
+                self.count += 1
+                number = self.current[d.track_id] = self.count
+            out.append(Detection(d.box, d.score, number, d.keypoints))
+        return out
+
+    def ended(self, updates: list[TrackletUpdate]) -> None:
+        finished = {u.track_id for u in updates if u.ended}
+        if finished:
+            self.current = {t: n for t, n in self.current.items() if n not in finished}
+
+
 class _BoxHistory:
     """Recent boxes per track, so each stored clip can carry its boxes (for re-cropping)."""
 
@@ -217,6 +245,7 @@ class _CameraRun:
                                      clip_size=clips.size, crop_margin=clips.crop_margin,
                                      min_box_height=clips.min_box_height)
         self.boxes = _BoxHistory(keep=clips.window * 2 + clips.lost_after)
+        self.ids = _TrackletIds()
         self.stages = dict.fromkeys(STAGES, 0.0)
         self.frames = 0
         self.clips = 0
@@ -261,7 +290,7 @@ class _CameraRun:
         return ("stopped" if self.stop.is_set() else "finished"), None
 
     def _process(self, frame, t1: float) -> None:
-        detections = self.tracker.update(frame.image)
+        detections = self.ids.relabel(self.tracker.update(frame.image))
         t2 = time.monotonic()
         if self.keypoints.name != "yolo-pose":
             estimated = self.keypoints.estimate(frame.image, detections)
@@ -271,6 +300,7 @@ class _CameraRun:
         self.boxes.add(frame.index, detections)
         clips = self.buffer.update(frame, detections)
         updates = self.buffer.pop_tracklet_updates()
+        self.ids.ended(updates)
         t4 = time.monotonic()
         self.frames += 1
         self._interval_frames += 1

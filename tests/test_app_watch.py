@@ -6,10 +6,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -94,17 +97,58 @@ def _wait_for(condition, timeout: float, what: str, process=None) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+class _DroppingServer:
+    """Serves one video over HTTP on 127.0.0.1; the first connection drops half-way."""
+
+    def __init__(self, data: bytes) -> None:
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                outer.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if outer.requests > 1:
+                    self.wfile.write(data)
+                    return
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/bus.ts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory, weights):
+    """One watcher run: two virtual cameras from a file, and a third camera over HTTP whose
+    connection drops half-way (it must reconnect with backoff and resume)."""
     folder = tmp_path_factory.mktemp("watch")
     _bus_video(folder / "bus.mkv", 40)
-    config = _config(folder, weights, HALVES)
-    result = _watch(config)
-    return folder, result
+    server = _DroppingServer(_bus_video(folder / "bus.ts", 40).read_bytes())
+    config = _config(folder, weights, HALVES + f"- {{id: web, source: '{server.url}', "
+                                               f"max_fps: null}}\n")
+    try:
+        result = _watch(config)
+    finally:
+        server.close()
+    return folder, result, server.requests
 
 
 def test_two_virtual_cameras_give_tracklets_clips_descriptors_and_identities(synthetic_run):
-    folder, result = synthetic_run
+    folder, result, _ = synthetic_run
     assert result.returncode == 0, result.stdout + result.stderr
     assert "camera left: finished" in result.stderr and "camera right: finished" in result.stderr
 
@@ -114,10 +158,11 @@ def test_two_virtual_cameras_give_tracklets_clips_descriptors_and_identities(syn
         runs = repo.list_runs()
         assert [r.status for r in runs] == ["finished"]
         cameras = {c.id: c for c in repo.list_cameras()}
-        assert {c: cameras[c].status for c in cameras} == {"left": "finished", "right": "finished"}
+        assert {c: cameras[c].status for c in cameras} == dict.fromkeys(
+            ("left", "right", "web"), "finished")
         assert cameras["left"].frames_processed == 40 and cameras["left"].crop == (0, 0, 200, 560)
         tracklets = repo.list_tracklets(thumbnails=True)
-        assert {t.camera_id for t in tracklets} == {"left", "right"}
+        assert {t.camera_id for t in tracklets} == {"left", "right", "web"}
         for tracklet in tracklets:
             assert tracklet.finished and tracklet.identity_id is not None
             thumb = cv2.imdecode(np.frombuffer(tracklet.thumbnail, np.uint8), cv2.IMREAD_COLOR)
@@ -139,6 +184,16 @@ def test_two_virtual_cameras_give_tracklets_clips_descriptors_and_identities(syn
         decisions = repo.link_decisions()
         assert {d.tracklet_id for d in decisions} == {t.id for t in tracklets}
         assert repo.count_identities() >= 1
+
+
+def test_http_camera_that_drops_reconnects_and_resumes(synthetic_run):
+    folder, result, requests = synthetic_run
+    assert requests == 2
+    assert "[camera web]" in result.stderr and "reconnecting in" in result.stderr
+    with open_repository(f"sqlite:///{folder / 'watch.db'}", readonly=True) as repo:
+        web = next(c for c in repo.list_cameras() if c.id == "web")
+        assert web.status == "finished" and web.frames_processed == 40
+        assert web.last_frame_index == 39  # every frame once: resumed after the last delivered
 
 
 def test_broken_cameras_fail_alone_while_the_good_one_finishes(tmp_path, weights):
