@@ -116,17 +116,19 @@ def result_num_classes(data_root) -> int:
     return full.validation_split(0.25, seed=3).num_train_pids
 
 
-LEARN_MODEL = {"depth": 2, "img_size": [128, 64]}
-LEARN_EPOCHS = 10
+LEARN_MODEL = {"depth": 4, "img_size": [128, 64]}
+LEARN_EPOCHS = 6
 LEARN_MARGIN = 5.0
 
 
 def test_tiny_model_learns_on_synthetic_data(tmp_path_factory):
     """A few minutes at most on the CPU: test mAP of the trained tiny model vs the same model
-    untrained (same seed). Measured on the default synthetic dataset: see LEARN_MARGIN."""
+    untrained (same seed). Measured on the default synthetic dataset (64 ids): untrained 2.42,
+    trained 12.54 after 6 AdamW epochs (128 s of training on a busy 2-core CPU); the assert
+    asks for half that margin."""
     root = tmp_path_factory.mktemp("learn") / "data"
     config = TrainConfig(dataset="synthetic", root=str(root), model="keyreid_vit_tiny",
-                         model_options=LEARN_MODEL, epochs=LEARN_EPOCHS, warmup=1, eval_every=LEARN_EPOCHS,
+                         model_options=LEARN_MODEL, epochs=LEARN_EPOCHS, warmup=0, optimizer="adamw", lr=3e-4, eval_every=LEARN_EPOCHS,
                          workers=0, device="cpu", out=str(tmp_path_factory.mktemp("learn-run")), progress=False)
     dataset = build_dataset("synthetic", root)
     untrained = build_model("keyreid_vit_tiny", seed=config.seed, num_classes=dataset.validation_split().num_train_pids,

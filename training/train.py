@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 # executed or reported, not the maths (`epochs` is not one of them: the cosine depends on it).
 _RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "eval_every", "test_every", "stop_after",
                                 "progress", "eval_batch_size", "out"})
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 WARMUP_START = 0.01  # warm-up starts at 1% of the lr (released: warmup_lr_init = 0.01 * lr)
 COSINE_FLOOR = 0.002  # cosine ends at 0.2% of the lr (released: lr_min = 0.002 * lr)
 
@@ -70,6 +71,7 @@ class TrainConfig:
     dataset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     split: int | None = None
     keypoints: str | None = None  # cache backend; None: groundtruth (synthetic) / first cache found
+    optimizer: str = "sgd"  # the paper's SGD; "adamw" learns far faster for small models from scratch
     epochs: int = 120
     batch_p: int = 4
     batch_k: int = 4
@@ -99,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"need epochs >= 1 and 0 <= warmup < epochs (got epochs={self.epochs}, warmup={self.warmup})")
         if self.keypoints is not None and self.keypoints not in KEYPOINT_BACKENDS:
             raise ValueError(f"keypoints={self.keypoints!r} not in {KEYPOINT_BACKENDS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} not in {OPTIMIZERS}")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1 (the last epoch is always validated)")
 
@@ -241,7 +245,11 @@ class Trainer:
                                           num_classes=self.val.num_train_pids, num_cameras=self.full.num_cameras,
                                           **config.model_options).to(self.device)
         self.criterion = KeyReIDLoss.for_model(self.model).to(self.device)
-        self.optimizer = torch.optim.SGD(parameter_groups(self.model, config), lr=config.lr, momentum=config.momentum)
+        groups = parameter_groups(self.model, config)
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
         self.center_optimizer = torch.optim.SGD(self.criterion.center_parameters(), lr=config.center_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda epoch: lr_factor(epoch, config.epochs, config.warmup))
@@ -430,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-k", type=int, default=defaults.batch_k, help="tracklets per identity")
     for name in ("lr", "center_lr", "weight_decay", "momentum", "val_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS,
+                        help="sgd (the paper's recipe) or adamw (small models trained from scratch)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     parser.add_argument("--out", default=None, help="run folder (default runs/<model>-<dataset>)")
@@ -445,7 +455,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset=args.dataset, root=args.root, model=args.model, pretrained=args.pretrained,
         model_options=parse_key_values(args.model_opt), dataset_options=parse_key_values(args.dataset_opt),
         split=args.split, keypoints=args.keypoints, epochs=args.epochs, batch_p=args.batch_p, batch_k=args.batch_k,
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, warmup=args.warmup,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, warmup=args.warmup,
         center_lr=args.center_lr, val_fraction=args.val_fraction, eval_every=args.eval_every,
         test_every=args.test_every, eval_batch_size=args.eval_batch_size, device=args.device, amp=args.amp,
         seed=args.seed, workers=args.workers, out=args.out or f"runs/{args.model}-{args.dataset}",
