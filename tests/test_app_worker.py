@@ -1,0 +1,73 @@
+"""Worker pieces without a camera: tracklet numbering and the back-pressure policies."""
+from __future__ import annotations
+
+import multiprocessing
+import queue
+
+import numpy as np
+
+from app.worker import Output, Status, _Outbox, _TrackletIds
+from tracking.types import Clip, Detection, TrackletUpdate
+
+
+def _detection(track_id: int) -> Detection:
+    return Detection(np.array([0, 0, 10, 20], np.float32), 0.9, track_id)
+
+
+def _update(track_id: int, ended: bool) -> TrackletUpdate:
+    return TrackletUpdate("cam", track_id, 0, 1, 0.0, 0.1, 2, np.zeros((4, 2, 3), np.uint8), ended)
+
+
+def _clip(track_id: int, start: int) -> Clip:
+    frames = tuple(range(start, start + 4))
+    return Clip("cam", track_id, frames, tuple(f / 10 for f in frames),
+                np.zeros((4, 8, 4, 3), np.uint8), np.zeros((4, 17, 3), np.float32), False)
+
+
+def test_a_tracker_id_seen_again_after_its_tracklet_ended_is_a_new_tracklet():
+    ids = _TrackletIds()
+    assert [d.track_id for d in ids.relabel([_detection(7), _detection(3)])] == [1, 2]
+    assert [d.track_id for d in ids.relabel([_detection(3), _detection(9)])] == [2, 3]
+    ids.ended([_update(2, ended=True), _update(1, ended=False)])
+    assert [d.track_id for d in ids.relabel([_detection(3), _detection(7)])] == [4, 1]
+
+
+def _outbox(policy: str, size: int, pending: int) -> tuple[_Outbox, queue.Queue]:
+    """An outbox over an in-process queue with the same put / put_nowait / Full contract."""
+    out = queue.Queue(size)
+    return _Outbox(out, policy, pending, multiprocessing.get_context("spawn").Event()), out
+
+
+def _drain(outbox: _Outbox, out: queue.Queue) -> list:
+    """What the main process would read, letting the outbox send what it still holds."""
+    messages = []
+    while True:
+        try:
+            messages.append(out.get_nowait())
+        except queue.Empty:
+            if not outbox.pending:
+                return messages
+            outbox.flush(block=False)
+
+
+def test_drop_oldest_drops_only_clips_and_counts_them():
+    outbox, out = _outbox("drop_oldest", size=1, pending=2)
+    outbox.send(Output("cam", [_update(1, False)], [(_clip(1, 0), [])]))  # fits in the queue
+    for start in (4, 8, 12, 16):
+        outbox.send(Output("cam", [], [(_clip(1, start), [])]))
+    outbox.send(Output("cam", [_update(1, True)], [(_clip(1, 20), [])]))
+    assert outbox.dropped == 3  # 5 clips waited locally, 2 may wait: the 3 oldest went
+    messages = _drain(outbox, out)
+    clips = [c.frame_indices[0] for m in messages for c, _ in m.clips]
+    updates = [(u.track_id, u.ended) for m in messages for u in m.updates]
+    assert clips == [0, 16, 20]
+    assert updates == [(1, False), (1, True)]  # tracklet updates are never dropped
+
+
+def test_block_policy_loses_nothing():
+    outbox, out = _outbox("block", size=8, pending=1)
+    for start in range(0, 20, 4):
+        outbox.send(Output("cam", [], [(_clip(1, start), [])]))
+    outbox.send(Status("cam", 1, 1.0, 0.1, 0, 0.0, 1, 5, 0, 0, {}, None))
+    messages = _drain(outbox, out)
+    assert outbox.dropped == 0 and len(messages) == 6 and isinstance(messages[-1], Status)
