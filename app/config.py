@@ -112,11 +112,14 @@ class ClipConfig:
 
     Default: one clip per 16 observations, no overlap (3.2 s of track at 5 fps). Each clip costs
     one encoder pass (ViT-Tiny: ~50-100 ms on one CPU core), so the clip rate decides whether
-    encoding stays small next to detection; overlap 8 doubles it for smoother descriptors."""
+    encoding stays small next to detection; overlap 8 doubles it for smoother descriptors.
+    `min_frames`: a track's final clip needs this many distinct frames, else it is dropped (a
+    track never reaching it, e.g. a brief false detection, is not stored)."""
 
     length: int = 4
     window: int = 16
     overlap: int = 0
+    min_frames: int = 4
     lost_after: int = 30
     min_box_height: float = 24.0
     crop_margin: float = 0.1
@@ -380,7 +383,7 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
         _check_model(reid, check)
 
     clips = check.section("clips", raw.get("clips"), ClipConfig, base_dir)
-    for key in ("length", "window", "lost_after"):
+    for key in ("length", "window", "lost_after", "min_frames"):
         check.number("clips", clips, key, integer=True, minimum=1)
     check.number("clips", clips, "overlap", integer=True, minimum=0)
     check.number("clips", clips, "min_box_height", minimum=0.0)

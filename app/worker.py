@@ -246,6 +246,7 @@ class _CameraRun:
                                      min_box_height=clips.min_box_height)
         self.boxes = _BoxHistory(keep=clips.window * 2 + clips.lost_after)
         self.ids = _TrackletIds()
+        self.announced: set[int] = set()  # tracks whose tracklet the main process knows
         self.stages = dict.fromkeys(STAGES, 0.0)
         self.frames = 0
         self.clips = 0
@@ -305,10 +306,7 @@ class _CameraRun:
         self.frames += 1
         self._interval_frames += 1
         self.last_index, self.last_time = frame.index, frame.time
-        if clips or updates:
-            self.clips += len(clips)
-            self.outbox.send(Output(self.camera.id, updates,
-                                    [(c, self.boxes.for_clip(c)) for c in clips]))
+        self._emit(clips, updates)
         if t4 - self._interval_start >= STATUS_INTERVAL_S:
             self._fps = self._interval_frames / (t4 - self._interval_start)
             self._interval_start, self._interval_frames = t4, 0
@@ -327,10 +325,26 @@ class _CameraRun:
         """End every track (source ended, failed or stopped): their final clips are sent."""
         clips = self.buffer.flush()
         updates = self.buffer.pop_tracklet_updates()
-        if clips or updates:
-            self.clips += len(clips)
+        self._emit(clips, updates, force=True)
+
+    def _emit(self, clips: list[Clip], updates: list[TrackletUpdate], force: bool = False) -> None:
+        """Send one frame's results, without final clips of fewer than `min_frames` distinct
+        frames (short track tails, brief false detections): each clip costs an encoder pass.
+        A track that never had a clip of its own is then not stored at all."""
+        minimum = self.settings.clips.min_frames
+        kept = []
+        for clip in clips:
+            if clip.final and len(set(clip.frame_indices)) < minimum:
+                self.boxes.for_clip(clip)  # forget its boxes
+                continue
+            kept.append(clip)
+            self.announced.add(clip.track_id)
+        updates = [u for u in updates if u.track_id in self.announced]
+        self.announced -= {u.track_id for u in updates if u.ended}
+        if kept or updates:
+            self.clips += len(kept)
             self.outbox.send(Output(self.camera.id, updates,
-                                    [(c, self.boxes.for_clip(c)) for c in clips]), force=True)
+                                    [(c, self.boxes.for_clip(c)) for c in kept]), force=force)
 
 
 def thumbnail_jpeg(image: np.ndarray | None, quality: int = 85) -> bytes | None:
