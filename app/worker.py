@@ -204,6 +204,7 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
         outcome, reason = state.run()
         status = state.status
     except SystemExit:
+        _abandon_queue(out)
         return
     except Exception as exc:  # noqa: BLE001 - any failure ends this camera alone, with its reason
         LOG.exception("camera %s failed", camera.id)
@@ -211,7 +212,14 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
     try:
         outbox.send(Finished(camera.id, outcome, reason, status), force=True)
     except SystemExit:
-        return
+        _abandon_queue(out)
+
+
+def _abandon_queue(out: multiprocessing.Queue) -> None:
+    """The main process is gone: don't wait at exit for a queue nobody reads (the queue's
+    feeder thread would block on the full pipe forever and keep this process alive)."""
+    LOG.warning("the watcher's main process is gone; this camera stops")
+    out.cancel_join_thread()
 
 
 class _CameraRun:
