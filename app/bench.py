@@ -87,10 +87,9 @@ def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int |
              f"{[c.stride for c in cameras]}, encoder {config.reid.model}, "
              f"cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start"]
     base = detection_baseline(cameras, config.detector, max_frames) if baseline else {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
         watch_config = replace(config, database=f"sqlite:///{Path(tmp) / 'bench.db'}")
-        summary = Watcher(watch_config, max_frames=max_frames,
-                          status_stream=open(os.devnull, "w")).run()
+        summary = Watcher(watch_config, max_frames=max_frames, status_stream=quiet).run()
     wall = summary.finished_at - (summary.first_frame_at or summary.finished_at)
     video = {c: s.video_seconds for c, s in summary.cameras.items()}
     frames = sum(s.frames for s in summary.cameras.values())

@@ -91,14 +91,12 @@ class Finished:
 class _Outbox:
     """The worker's side of its queue: ordered sending with the back-pressure policy."""
 
-    def __init__(self, out: multiprocessing.Queue, policy: str, pending_clips: int,
-                 stop: multiprocessing.synchronize.Event) -> None:
+    def __init__(self, out: multiprocessing.Queue, policy: str, pending_clips: int) -> None:
         self.out = out
         self.policy = policy
         self.pending: deque = deque()
         self.pending_clip_count = 0
         self.limit = pending_clips
-        self.stop = stop
         self.dropped = 0
 
     def send(self, message, *, force: bool = False) -> None:
@@ -196,7 +194,7 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     logging.basicConfig(level=settings.log_level,
                         format=f"%(asctime)s %(levelname)s [camera {camera.id}] %(message)s")
-    outbox = _Outbox(out, settings.policy, settings.pending_clips, stop)
+    outbox = _Outbox(out, settings.policy, settings.pending_clips)
     status: Status | None = None
     try:
         state = _CameraRun(camera, settings, outbox, stop)

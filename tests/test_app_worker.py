@@ -1,7 +1,6 @@
 """Worker pieces without a camera: tracklet numbering and the back-pressure policies."""
 from __future__ import annotations
 
-import multiprocessing
 import queue
 
 import numpy as np
@@ -35,7 +34,7 @@ def test_a_tracker_id_seen_again_after_its_tracklet_ended_is_a_new_tracklet():
 def _outbox(policy: str, size: int, pending: int) -> tuple[_Outbox, queue.Queue]:
     """An outbox over an in-process queue with the same put / put_nowait / Full contract."""
     out = queue.Queue(size)
-    return _Outbox(out, policy, pending, multiprocessing.get_context("spawn").Event()), out
+    return _Outbox(out, policy, pending), out
 
 
 def _drain(outbox: _Outbox, out: queue.Queue) -> list:
