@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -119,8 +121,6 @@ class _Outbox:
             except queue.Full:
                 if not block:
                     return
-                if not _parent_alive():
-                    raise SystemExit("main process is gone")
                 continue
             self.pending.popleft()
             if isinstance(message, Output):
@@ -136,9 +136,24 @@ class _Outbox:
                 self.pending[index] = Output(message.camera_id, message.updates, [])
 
 
-def _parent_alive() -> bool:
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """Watchdog thread: when the main process dies (even kill -9), end this worker at once.
+
+    Without it a worker could wait forever: on a full queue, inside the queue's feeder thread
+    (which joins at exit and blocks on a pipe nobody reads), or in a live source's backoff.
+    A worker holds nothing that needs cleaning up, so `os._exit` is safe.
+    """
     parent = multiprocessing.parent_process()
-    return parent is None or parent.is_alive()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while parent.is_alive():
+            time.sleep(interval)
+        LOG.warning("the watcher's main process is gone; this camera stops")
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class _TrackletIds:
@@ -192,6 +207,7 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
                 stop: multiprocessing.synchronize.Event) -> None:
     """Process entry point: run one camera until its source ends, it fails, or `stop` is set."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    _exit_with_parent()
     logging.basicConfig(level=settings.log_level,
                         format=f"%(asctime)s %(levelname)s [camera {camera.id}] %(message)s")
     outbox = _Outbox(out, settings.policy, settings.pending_clips)
@@ -201,23 +217,10 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
         status = state.status
         outcome, reason = state.run()
         status = state.status
-    except SystemExit:
-        _abandon_queue(out)
-        return
     except Exception as exc:  # noqa: BLE001 - any failure ends this camera alone, with its reason
         LOG.exception("camera %s failed", camera.id)
         outcome, reason = "failed", f"{type(exc).__name__}: {exc}"
-    try:
-        outbox.send(Finished(camera.id, outcome, reason, status), force=True)
-    except SystemExit:
-        _abandon_queue(out)
-
-
-def _abandon_queue(out: multiprocessing.Queue) -> None:
-    """The main process is gone: don't wait at exit for a queue nobody reads (the queue's
-    feeder thread would block on the full pipe forever and keep this process alive)."""
-    LOG.warning("the watcher's main process is gone; this camera stops")
-    out.cancel_join_thread()
+    outbox.send(Finished(camera.id, outcome, reason, status), force=True)
 
 
 class _CameraRun:
@@ -317,8 +320,6 @@ class _CameraRun:
             self._fps = self._interval_frames / (t4 - self._interval_start)
             self._interval_start, self._interval_frames = t4, 0
             self.outbox.send(self.status)
-            if not _parent_alive():
-                raise SystemExit("main process is gone")
         elif self.outbox.pending and self.outbox.policy == "drop_oldest":
             self.outbox.flush(block=False)
         t5 = time.monotonic()

@@ -68,10 +68,16 @@ HALVES = """
 
 
 def _watch(config: Path, *args: str, wait: bool = True, timeout: float = 240):
+    """Run the CLI; `wait=False` returns the Popen, its output going to `<config>.N.log`
+    (a file, not a pipe nobody drains while the test waits)."""
     command = [sys.executable, "-m", "app.watch", "--cameras", str(config), *args]
     if not wait:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        log = config.with_suffix(f".{len(list(config.parent.glob('*.log')))}.log")
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                       text=True)
+        process.log = log
+        return process
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -92,7 +98,7 @@ def _wait_for(condition, timeout: float, what: str, process=None) -> None:
             return
         if process is not None and process.poll() is not None:
             pytest.fail(f"watcher exited ({process.returncode}) before {what}:\n"
-                        f"{process.stdout.read()}")
+                        f"{process.log.read_text()[-3000:]}")
         time.sleep(0.3)
     pytest.fail(f"timed out waiting for {what}")
 
@@ -268,8 +274,8 @@ def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(t
         _wait_for(lambda: _clip_count(db) >= kept + 2, 180, "clips of the second run", second)
         stop = time.monotonic()
         second.send_signal(signal.SIGTERM)
-        output, _ = second.communicate(timeout=30)
-        assert second.returncode == 0, output
+        second.wait(timeout=30)
+        assert second.returncode == 0, second.log.read_text()[-3000:]
         assert time.monotonic() - stop < 15
     finally:
         if second.poll() is None:
