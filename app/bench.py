@@ -46,8 +46,7 @@ def _detect_only(camera: CameraConfig, detector: DetectorConfig, max_frames: int
     tracker = PoseTracker(detector.weights, imgsz=detector.imgsz, conf=detector.conf,
                           iou=detector.iou, tracker=detector.tracker, device=detector.device,
                           torch_threads=detector.threads)
-    tracker.update(frames[0].image)  # warm-up (and ultralytics' thread setting) outside the clock
-    tracker.reset()
+    tracker.warm_up(*frames[0].image.shape[:2])  # outside the clock, as the watcher's workers do
     start_barrier.wait()
     start = time.monotonic()
     people = 0

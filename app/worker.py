@@ -244,6 +244,8 @@ class _CameraRun:
         self.tracker = PoseTracker(det.weights, imgsz=det.imgsz, conf=det.conf, iou=det.iou,
                                    tracker=det.tracker, device=det.device,
                                    torch_threads=det.threads)
+        height, width = (camera.crop[3], camera.crop[2]) if camera.crop else (480, 640)
+        self.tracker.warm_up(height, width)  # before Ready: the first frame then costs what others do
         kp = settings.keypoints
         options = {"checkpoint": kp.checkpoint, "device": kp.device, "download": kp.download}
         self.keypoints, reason = select_keypoint_backend(kp.backend, **options)

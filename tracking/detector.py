@@ -134,6 +134,12 @@ class PoseTracker:
                           keypoints=keypoints[i] if keypoints is not None else None)
                 for i in range(len(ids))]
 
+    def warm_up(self, height: int, width: int) -> None:
+        """Run once on a blank frame, then forget it: ultralytics builds its predictor (and sets
+        torch's thread count) on the first call, which would otherwise stall the first real frame."""
+        self.update(np.zeros((height, width, 3), dtype=np.uint8))
+        self.reset()
+
     def reset(self) -> None:
         """Forget all tracks (e.g. after a source reconnects to a different scene)."""
         predictor = self.model.predictor

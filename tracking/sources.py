@@ -211,7 +211,7 @@ class VideoSource:
                 continue
             first_in_connection = True
             try:
-                for raw_index, pts_time, image in self._decode(container):
+                for raw_index, pts_time, decoded in self._decode(container):
                     if self.live:
                         if first_in_connection:
                             index_offset = last_index + 1
@@ -233,7 +233,7 @@ class VideoSource:
                     if self._stop.is_set():
                         return
                     self.stats.frames_yielded += 1
-                    yield VideoFrame(index=index, time=stamp, image=image)
+                    yield VideoFrame(index=index, time=stamp, image=self._image(decoded))
                 if not self.live or self.reconnect is None:
                     return
                 reason = "end of stream"
@@ -267,8 +267,8 @@ class VideoSource:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         return float(rate) if rate else _DEFAULT_FPS
 
-    def _decode(self, container: av.container.InputContainer) -> Iterator[tuple[int, float, np.ndarray]]:
-        """Yield (decoded index, stream time, RGB image), skipping packets that fail to decode."""
+    def _decode(self, container: av.container.InputContainer) -> Iterator[tuple[int, float, av.VideoFrame]]:
+        """Yield (decoded index, stream time, decoded frame), skipping packets that fail to decode."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = self._fps(container)
@@ -300,7 +300,7 @@ class VideoSource:
                 self.stats.frames_decoded += 1
                 stamp = frame.time if frame.time is not None else index / fps
                 last_time = float(stamp)
-                yield index, last_time, self._image(frame)
+                yield index, last_time, frame  # converted to RGB only if the sampler keeps it
                 index += 1
 
     def _check_complete(self, container: av.container.InputContainer, decoded: int,
