@@ -19,6 +19,7 @@ import numpy as np
 import scipy.io
 
 from training.records import Dataset, TrackletRecord, attach_keypoints, relabel
+from training.tracklets import load_tracklets
 
 MARS_GALLERY_MODES: tuple[str, ...] = ("community", "all")
 ILIDSVID_SPLIT_FILE = Path("train-test people splits") / "train_test_splits_ilidsvid.mat"
@@ -211,11 +212,12 @@ def load_synthetic(root: str | Path, layout: str = "mars", keypoints: str | None
 
 
 _BUILDERS = {"mars": load_mars, "ilidsvid": load_ilidsvid, "ilids-vid": load_ilidsvid,
-             "synthetic": load_synthetic}
+             "synthetic": load_synthetic, "tracklets": load_tracklets}
 
 
 def build_dataset(name: str, root: str | Path, **options: Any) -> Dataset:
-    """Build a dataset by name: `mars`, `ilidsvid` (`split=0..9`) or `synthetic` (`layout=...`).
+    """Build a dataset by name: `mars`, `ilidsvid` (`split=0..9`), `synthetic` (`layout=...`) or
+    `tracklets` (the watcher's exported tracklets, `training.tracklets`: no query/gallery).
     Every loader takes `keypoints=` a backend name or None."""
     try:
         builder = _BUILDERS[name.lower()]

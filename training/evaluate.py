@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CMC_RANKS: tuple[int, ...] = (1, 5, 10, 20)
 ILIDSVID_NUM_SPLITS = 10
-_REAL_KEYPOINT_PREFERENCE: tuple[str, ...] = ("pifpaf", "yolo-pose")
+_REAL_KEYPOINT_PREFERENCE: tuple[str, ...] = ("pifpaf", "yolo-pose", "watcher")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-KEYPOINT_BACKENDS: tuple[str, ...] = ("groundtruth", "yolo-pose", "pifpaf")
+KEYPOINT_BACKENDS: tuple[str, ...] = ("groundtruth", "yolo-pose", "pifpaf", "watcher")  # watcher: training.tracklets
 
 
 @dataclasses.dataclass(frozen=True)

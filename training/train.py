@@ -109,7 +109,8 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class RunResult:
-    """What a run produced. `test` is None when the run stopped before its last epoch."""
+    """What a run produced. `test` is None when the run stopped before its last epoch or the
+    dataset has no labelled test set (`tracklets`)."""
 
     run_dir: Path
     epochs_done: int
@@ -373,7 +374,7 @@ class Trainer:
                     self.best_epoch = self.epoch
                     self.best_val = {k: v for k, v in row.items() if k.startswith("val_")}
                     save_checkpoint(self.model, self.run_dir / "best.pt", config.model, training=self._training_info())
-            if config.test_every and self.epoch % config.test_every == 0:
+            if config.test_every and self.epoch % config.test_every == 0 and self.full.query:
                 row.update(self._scores(self.full, "test (information only)").as_dict("test_"))
             self.history.append(row)
             self.save_last()
@@ -388,8 +389,16 @@ class Trainer:
                          train_time_s=self.train_time, last_checkpoint=self.run_dir / "last.pt",
                          best_checkpoint=self.run_dir / "best.pt")
 
-    def final_test(self) -> dict[str, float]:
-        """Evaluate best.pt on the test set, once; write results.json."""
+    def final_test(self) -> dict[str, float] | None:
+        """Evaluate best.pt on the test set, once; write results.json. None for a dataset without
+        a labelled test set (the watcher's tracklets): only validation chose and scored best.pt."""
+        if not self.full.query or not self.full.gallery:
+            log.warning("%s has no query/gallery (no labelled test set): final test skipped; best.pt was "
+                        "chosen on validation (epoch %s)", self.full.name, self.best_epoch)
+            results = {"best_epoch": self.best_epoch, "best_val": self.best_val, "test": None,
+                       "train_time_s": self.train_time, "keypoints": self.keypoints, "dataset": self.full.name}
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            return None
         best = read_checkpoint(self.run_dir / "best.pt")
         self.model.load_state_dict(best["state_dict"])
         scores = self._scores(self.full, "test")
@@ -422,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=["mars", "ilidsvid", "synthetic"])
+    parser.add_argument("--dataset", required=True, choices=["mars", "ilidsvid", "synthetic", "tracklets"])
     parser.add_argument("--root", required=True, help="dataset folder (synthetic: generated there if missing)")
     parser.add_argument("--model", required=True, choices=list_models())
     parser.add_argument("--pretrained", default=None, help="local backbone weight file (e.g. ViT-B/16 IN-21K)")
@@ -469,7 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped after epoch {result.epochs_done}; continue with --resume --out {result.run_dir}")
         return 0
     print(f"best validation epoch {result.best_epoch}: " + ", ".join(f"{k}={v:.2f}" for k, v in result.best_val.items()))
-    print("test (best.pt): " + ", ".join(f"{k}={v:.2f}" for k, v in (result.test or {}).items()))
+    if result.test is None:
+        print("test: skipped (the dataset has no labelled query/gallery)")
+    else:
+        print("test (best.pt): " + ", ".join(f"{k}={v:.2f}" for k, v in result.test.items()))
     print(f"run folder: {result.run_dir}")
     return 0
 
