@@ -6,13 +6,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -20,20 +17,12 @@ import numpy as np
 import pytest
 
 from storage import open_repository
-from tracking.detector import WeightsNotFoundError, find_pose_weights
+from support import FlakyVideoServer
 from tracking.synthetic import write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(importlib.util.find_spec("ultralytics").submodule_search_locations[0]) / "assets"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def weights() -> Path:
-    try:
-        return find_pose_weights()
-    except WeightsNotFoundError as exc:
-        pytest.skip(f"no pose weights offline: {exc}")
 
 
 def _bus_video(path: Path, num_frames: int) -> Path:
@@ -103,47 +92,13 @@ def _wait_for(condition, timeout: float, what: str, process=None) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-class _DroppingServer:
-    """Serves one video over HTTP on 127.0.0.1; the first connection drops half-way."""
-
-    def __init__(self, data: bytes) -> None:
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                outer.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "video/mp2t")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if outer.requests > 1:
-                    self.wfile.write(data)
-                    return
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/bus.ts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory, weights):
     """One watcher run: two virtual cameras from a file, and a third camera over HTTP whose
     connection drops half-way (it must reconnect with backoff and resume)."""
     folder = tmp_path_factory.mktemp("watch")
     _bus_video(folder / "bus.mkv", 40)
-    server = _DroppingServer(_bus_video(folder / "bus.ts", 40).read_bytes())
+    server = FlakyVideoServer(_bus_video(folder / "bus.ts", 40).read_bytes(), failure="drop")
     config = _config(folder, weights, HALVES + f"- {{id: web, source: '{server.url}', "
                                                f"max_fps: null}}\n")
     try:

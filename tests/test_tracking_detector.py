@@ -18,14 +18,6 @@ ASSETS = Path(importlib.util.find_spec("ultralytics").submodule_search_locations
 
 
 @pytest.fixture(scope="module")
-def weights() -> Path:
-    try:
-        return find_pose_weights()
-    except WeightsNotFoundError as exc:
-        pytest.skip(f"no pose weights offline: {exc}")
-
-
-@pytest.fixture(scope="module")
 def bus() -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(ASSETS / "bus.jpg")), cv2.COLOR_BGR2RGB)
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tracking.detector import PoseTracker, WeightsNotFoundError, find_pose_weights
+from tracking.detector import PoseTracker
 from tracking.keypoints import select_keypoint_backend
 from tracking.sources import VideoSource
 from tracking.synthetic import DEFAULT_MOVERS, write_moving_rectangles, write_video
@@ -62,14 +62,6 @@ def test_synthetic_video_to_clips(tmp_path):
     nose = red.keypoints[:, 0]
     assert (nose[:, 2] == pytest.approx(0.9)) and np.all(nose[:, 1] < 16)
     assert ended[1].thumbnail.shape == (64, 32, 3)
-
-
-@pytest.fixture(scope="module")
-def weights() -> Path:
-    try:
-        return find_pose_weights()
-    except WeightsNotFoundError as exc:
-        pytest.skip(f"no pose weights offline: {exc}")
 
 
 @pytest.mark.slow

@@ -6,11 +6,11 @@ import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
+from support import FlakyVideoServer
 from tracking.sources import ReconnectPolicy, SourceError, VideoSource
 from tracking.synthetic import moving_rectangles, write_moving_rectangles, write_video
 
@@ -139,48 +139,10 @@ def test_source_kinds(source, kind, live):
     assert (src.reconnect is None) == (kind == "file")
 
 
-class _FlakyServer:
-    """Serves one video over HTTP; the first request is cut half-way: the connection drops,
-    stalls, or (failure "none") the response just ends short."""
-
-    def __init__(self, data: bytes, failure: str) -> None:
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                outer.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "video/mp2t")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if outer.requests > 1:
-                    self.wfile.write(data)
-                    return
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                if failure == "drop":
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                elif failure == "stall":
-                    time.sleep(3)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/video.ts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.parametrize("failure, reason", [("drop", "read failed"), ("stall", "stalled")])
 def test_http_source_reconnects_and_resumes(tmp_path, caplog, failure, reason):
     data = write_moving_rectangles(tmp_path / "v.ts", num_frames=60).read_bytes()
-    server = _FlakyServer(data, failure)
+    server = FlakyVideoServer(data, failure)
     try:
         source = VideoSource(server.url, reconnect=FAST_RETRY, open_timeout=2, read_timeout=0.5)
         with caplog.at_level(logging.WARNING, logger="tracking.sources"):
@@ -223,7 +185,7 @@ def test_stop_interrupts_backoff():
 def test_live_source_reconnects_at_end_of_stream_and_keeps_counting(tmp_path):
     """A live stream that ends is re-opened; frame indices and times continue, not restart."""
     data = write_moving_rectangles(tmp_path / "v.ts", num_frames=30).read_bytes()
-    server = _FlakyServer(data, failure="none")  # the first response ends half-way
+    server = FlakyVideoServer(data, failure="none")  # the first response ends half-way
     source = VideoSource(server.url, live=True, reconnect=FAST_RETRY, read_timeout=1)
     frames = []
     try:
