@@ -3,6 +3,9 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from storage import open_repository
 
 
 class FlakyVideoServer:
@@ -41,3 +44,14 @@ class FlakyVideoServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def stored_clip_count(db: Path) -> int:
+    """Clips committed to a watcher's SQLite file so far (0 before its schema exists)."""
+    if not db.exists():
+        return 0
+    try:
+        with open_repository(f"sqlite:///{db}", readonly=True) as repo:
+            return repo.stats().clips
+    except Exception:  # noqa: BLE001 - the schema may not exist yet while the watcher starts
+        return 0

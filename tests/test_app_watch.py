@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from storage import open_repository
-from support import FlakyVideoServer
+from support import FlakyVideoServer, stored_clip_count
 from tracking.synthetic import write_video
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,16 +68,6 @@ def _watch(config: Path, *args: str, wait: bool = True, timeout: float = 240):
         process.log = log
         return process
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _clip_count(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with open_repository(f"sqlite:///{db}", readonly=True) as repo:
-            return repo.stats().clips
-    except Exception:  # noqa: BLE001 - the schema may not exist yet while the watcher starts
-        return 0
 
 
 def _wait_for(condition, timeout: float, what: str, process=None) -> None:
@@ -197,12 +187,12 @@ def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(t
     db = tmp_path / "watch.db"
     first = _watch(config, "--realtime", wait=False)
     try:
-        _wait_for(lambda: _clip_count(db) >= 2, 180, "the first clips", first)
+        _wait_for(lambda: stored_clip_count(db) >= 2, 180, "the first clips", first)
         refused = _watch(config)
         assert refused.returncode == 3
         assert "already has a writer" in refused.stderr and "keyreid-watch" in refused.stderr
         workers = _children(first.pid)
-        committed = _clip_count(db)
+        committed = stored_clip_count(db)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
     finally:
@@ -226,7 +216,7 @@ def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(t
     # restart: a new run, the killed one is marked aborted; SIGTERM stops it cleanly
     second = _watch(config, "--realtime", wait=False)
     try:
-        _wait_for(lambda: _clip_count(db) >= kept + 2, 180, "clips of the second run", second)
+        _wait_for(lambda: stored_clip_count(db) >= kept + 2, 180, "clips of the second run", second)
         stop = time.monotonic()
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)

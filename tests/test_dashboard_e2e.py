@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from storage import open_repository
+from support import stored_clip_count
 from test_dashboard_pages import DIM, MODEL_ID, app_for, build_gallery, texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,9 +213,9 @@ def test_browser_over_the_watcher_running_on_the_demo_video(tmp_path, browser):
     server = None
     try:
         deadline = time.monotonic() + 240
-        while not clips_in(db) and watcher.poll() is None and time.monotonic() < deadline:
+        while not stored_clip_count(db) and watcher.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert clips_in(db), "the watcher stored no clip in time"
+        assert stored_clip_count(db), "the watcher stored no clip in time"
         server, base = start_dashboard(f"sqlite:///{db}", tmp_path)
         page = open_page(browser, base, "page=overview")  # while the watcher writes
         page.get_by_text("Cameras", exact=True).first.wait_for(timeout=60_000)
@@ -238,13 +239,3 @@ def test_browser_over_the_watcher_running_on_the_demo_video(tmp_path, browser):
         if server is not None:
             stop(server)
     assert "locked" not in (tmp_path / "dashboard.log").read_text()
-
-
-def clips_in(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with open_repository(f"sqlite:///{db}", readonly=True) as repo:
-            return repo.stats().clips
-    except Exception:  # noqa: BLE001 - the schema may not exist yet while the watcher starts
-        return 0
