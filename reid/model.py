@@ -16,6 +16,8 @@ Departures from the released code (DESIGN.md §4), each kept as an option where 
 from __future__ import annotations
 
 import copy
+import logging
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,9 @@ from .blocks import cls_block, full_block_cls
 from .config import ModelConfig
 from .heatmaps import part_patch_importance
 from .keypoints import BODY_PARTS
+from .pretrained import LoadReport, load_backbone_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,23 +69,20 @@ class BNNeck(nn.Module):
 
 
 def create_backbone(config: ModelConfig, pretrained: str | Path | None = None) -> nn.Module:
-    """A timm ViT at the config's input size; `pretrained` is a local weight file (never a download).
+    """A timm ViT at the config's input size (and patch stride), with `pretrained` weights loaded
+    strictly by `reid.pretrained.load_backbone_weights` (a file, or `timm:NAME` to download).
 
-    timm resamples the file's position embedding (e.g. 197 -> 129 tokens) while loading.
-    """
+    The load's `LoadReport` rides along as `backbone.pretrained_report` (None without weights)."""
     options: dict = dict(img_size=config.img_size, num_classes=0, global_pool="", drop_path_rate=config.drop_path)
     if config.depth is not None:
         options["depth"] = config.depth
-    if pretrained is not None:
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained backbone weights not found: {path}")
-        options.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     backbone = timm.create_model(config.backbone, **options)
     if backbone.num_prefix_tokens != 1 or getattr(backbone, "no_embed_class", False):
         raise ValueError(f"{config.backbone}: expected a ViT with one [CLS] token and class position embedding")
     if config.stride != config.patch_size:
         _use_overlapping_patches(backbone, config)
+    # After the stride change, so the file's position embedding is resampled once, to the final grid.
+    backbone.pretrained_report = None if pretrained is None else load_backbone_weights(backbone, pretrained)
     return backbone
 
 
@@ -139,6 +141,22 @@ class KeyReID(nn.Module):
             self.part_necks = nn.ModuleList(BNNeck(part_width, config.num_classes) for _ in self.part_names)
             self.part_block.apply(_init_linear)
             self.register_buffer("tcss_order", _tcss_row_order(config), persistent=False)
+        report: LoadReport | None = vars(backbone).pop("pretrained_report", None)
+        if report is not None and report.extras:
+            self._load_pretrained_extras(report)
+        # What was loaded (format, tensor count, ignored heads), without holding on to the tensors.
+        self.pretrained_report = None if report is None else dataclasses.replace(report, extras={})
+
+    def _load_pretrained_extras(self, report: LoadReport) -> None:
+        """Non-backbone tensors of the source (the rest of one of our models, TransReID's camera
+        embedding) wherever name and shape fit; classifiers, sized by the source's label set, never."""
+        own = self.state_dict()
+        usable = {k: v for k, v in report.extras.items()
+                  if k in own and own[k].shape == v.shape and ".classifier." not in k}
+        self.load_state_dict(usable, strict=False)
+        skipped = sorted(set(report.extras) - set(usable))
+        log.info("%s: also initialised %d non-backbone tensors%s", report.source, len(usable),
+                 f"; left at their initialisation: {', '.join(skipped[:12])}" if skipped else "")
 
     @property
     def num_parts(self) -> int:
