@@ -280,10 +280,9 @@ class Watcher:
         start = time.monotonic()
         rows = []
         for (tracklet, clip, boxes), descriptor in results:
-            middle = clip.crops[len(clip.crops) // 2]
             rows.append(NewClip(tracklet.db_id, clip.frame_indices, clip.times[0], clip.times[-1],
                                 descriptor, self.encoder.model_id, boxes=boxes,
-                                keypoints=clip.keypoints, thumbnail=thumbnail_jpeg(middle, 75)))
+                                keypoints=clip.keypoints))
         self.repo.add_clips(rows)
         for (tracklet, _, _), descriptor in results:
             tracklet.pending -= 1

@@ -9,6 +9,7 @@ from .errors import (
     SchemaTooNewError,
     SchemaTooOldError,
     StorageError,
+    StorageUnavailableError,
     WriterLockedError,
 )
 from .records import (
@@ -19,6 +20,7 @@ from .records import (
     IdentityRecord,
     LinkDecisionRecord,
     NewClip,
+    RepairReport,
     RunRecord,
     SearchHit,
     StorageStats,
@@ -39,6 +41,7 @@ __all__ = [
     "IdentityRecord",
     "LinkDecisionRecord",
     "NewClip",
+    "RepairReport",
     "ReadOnlyError",
     "Repository",
     "RunRecord",
@@ -47,6 +50,7 @@ __all__ = [
     "SearchHit",
     "StorageError",
     "StorageStats",
+    "StorageUnavailableError",
     "TrackletRecord",
     "WriterLockedError",
     "nearest",

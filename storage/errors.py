@@ -24,3 +24,8 @@ class WriterLockedError(StorageError):
 
 class ReadOnlyError(StorageError):
     """A write was attempted through a repository opened read-only."""
+
+
+class StorageUnavailableError(StorageError):
+    """A write failed for a reason that may pass (disk full, database locked or read-only, I/O
+    error): nothing of that transaction was stored and it can be retried as it was."""

@@ -41,6 +41,10 @@ class CameraRecord:
     fps: float | None
     frames_processed: int
     updated_at: datetime | None
+    status_reason: str | None = None
+    reconnects: int = 0
+    restarts: int = 0
+    last_frame_wall_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,9 @@ class TrackletRecord:
     identity_id: int | None
     finished: bool
     thumbnail: bytes | None = field(default=None, repr=False)
+    first_wall_time: float | None = None  # capture wall clock, seconds since the epoch (UTC)
+    last_wall_time: float | None = None
+    end_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -79,7 +86,8 @@ class ClipRecord:
     model_id: str
     boxes: tuple[tuple[float, float, float, float], ...] | None = field(default=None, repr=False)
     keypoints: np.ndarray | None = field(default=None, repr=False)
-    thumbnail: bytes | None = field(default=None, repr=False)
+    start_wall_time: float | None = None
+    end_wall_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -94,7 +102,8 @@ class NewClip:
     model_id: str
     boxes: tuple | list | None = None
     keypoints: np.ndarray | None = None
-    thumbnail: bytes | None = None
+    start_wall_time: float | None = None
+    end_wall_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,20 @@ class LinkDecisionRecord:
     candidate_identity_id: int | None
     created_at: datetime
     note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RepairReport:
+    """What `Repository.repair` fixed after a crash of an earlier run."""
+
+    runs_aborted: int
+    tracklets_closed: int
+    identities_removed: int
+
+    def __str__(self) -> str:
+        return (f"{self.runs_aborted} unfinished run(s) marked aborted, {self.tracklets_closed} "
+                f"open tracklet(s) closed, {self.identities_removed} identity(ies) without "
+                f"members removed")
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import Engine, Integer, cast, func, inspect, or_, select, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, Integer, cast, func, inspect, or_, select, text, union
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqlalchemy.engine import make_url
@@ -33,6 +33,7 @@ from .errors import (
     SchemaTooNewError,
     SchemaTooOldError,
     StorageError,
+    StorageUnavailableError,
 )
 from .lock import WriterLock
 from .records import (
@@ -43,6 +44,7 @@ from .records import (
     IdentityRecord,
     LinkDecisionRecord,
     NewClip,
+    RepairReport,
     RunRecord,
     SearchHit,
     StorageStats,
@@ -66,7 +68,9 @@ from .schema import (
 from .search import GalleryIndex
 
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-_CAMERA_STATUS_FIELDS = ("status", "last_frame_time", "last_frame_index", "fps", "frames_processed")
+_CAMERA_STATUS_FIELDS = ("status", "status_reason", "last_frame_time", "last_frame_index",
+                         "last_frame_wall_time", "fps", "frames_processed", "reconnects",
+                         "restarts")
 DEFAULT_URL = "sqlite:///keyreid.db"
 
 
@@ -171,9 +175,13 @@ class Repository:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
+        """One write transaction; a failure that may pass is a `StorageUnavailableError`."""
         self._require_writable()
-        with self._sessions.begin() as session:
-            yield session
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:  # disk full, locked past busy_timeout, read-only, I/O
+            raise StorageUnavailableError(f"{self.url}: write failed: {exc.orig or exc}") from exc
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -188,12 +196,8 @@ class Repository:
 
     # -- runs and cameras ------------------------------------------------------------------
     def start_run(self, config: dict) -> int:
-        """Record a new run of the watcher. Runs left "running" by a dead writer are closed."""
+        """Record a new run of the watcher (`repair` then cleans up after earlier ones)."""
         with self._write() as s:
-            if self.holds_writer_lock:
-                # We hold the only writer lock, so no other run can still be alive.
-                for run in s.scalars(select(Run).where(Run.status == "running")):
-                    run.status = "aborted: the writer stopped without finishing this run"
             run = Run(config=json.dumps(config, sort_keys=True, default=str),
                       pid=os.getpid(), hostname=socket.gethostname(), status="running")
             s.add(run)
@@ -205,6 +209,49 @@ class Repository:
             run = self._get(s, Run, run_id, "run")
             run.status = status
             run.ended_at = utcnow()
+
+    def repair(self, current_run_id: int) -> RepairReport:
+        """Clean up after writers that died (kill -9, power loss) before `current_run_id`.
+
+        Their open tracklets are closed (`end_reason` says why) and identities left without a
+        member and named by no decision are removed. Requires the writer lock: only then can no
+        other run still be alive.
+        """
+        if not self.holds_writer_lock:
+            raise StorageError(f"{self.url}: repair needs the writer lock")
+        with self._write() as s:
+            aborted = list(s.scalars(select(Run).where(Run.id < current_run_id,
+                                                       Run.status == "running")))
+            for run in aborted:
+                run.status = "aborted: the writer stopped without finishing this run"
+                run.ended_at = run.ended_at or utcnow()
+            open_tracklets = list(s.scalars(select(Tracklet).where(
+                Tracklet.run_id < current_run_id, Tracklet.finished.is_(False))))
+            for tracklet in open_tracklets:
+                tracklet.finished = True
+                tracklet.end_reason = (f"run {tracklet.run_id} ended without closing it "
+                                       f"(repaired at the start of run {current_run_id})")
+            referenced = union(
+                select(Tracklet.identity_id).where(Tracklet.identity_id.is_not(None)),
+                select(LinkDecision.identity_id),
+                select(LinkDecision.candidate_identity_id)
+                .where(LinkDecision.candidate_identity_id.is_not(None)),
+                select(Identity.merged_into).where(Identity.merged_into.is_not(None)))
+            orphans = list(s.scalars(select(Identity.id).where(
+                Identity.merged_into.is_(None), ~Identity.id.in_(referenced))))
+            if orphans:
+                s.execute(Identity.__table__.delete().where(Identity.id.in_(orphans)))
+            return RepairReport(len(aborted), len(open_tracklets), len(orphans))
+
+    def resume_after(self, camera_id: str, source: str) -> int | None:
+        """The last source frame index stored for `camera_id` reading `source` (None: nothing),
+        so a restarted file camera continues there instead of storing everyone twice."""
+        with self._read() as s:
+            camera = s.get(Camera, camera_id)
+            if camera is None or camera.source != source:
+                return None
+            return s.scalar(select(func.max(Tracklet.last_frame))
+                            .where(Tracklet.camera_id == camera_id))
 
     def list_runs(self) -> list[RunRecord]:
         with self._read() as s:
@@ -253,7 +300,8 @@ class Repository:
     def add_tracklet(self, run_id: int, camera_id: str, track_id: int, first_frame: int,
                      first_time: float, *, last_frame: int | None = None,
                      last_time: float | None = None, thumbnail: bytes | None = None,
-                     finished: bool = False) -> int:
+                     finished: bool = False, first_wall_time: float | None = None,
+                     last_wall_time: float | None = None) -> int:
         """A new tracklet; its last frame/time default to the first."""
         with self._write() as s:
             self._get(s, Run, run_id, "run")
@@ -264,11 +312,13 @@ class Repository:
                 last_frame=int(first_frame if last_frame is None else last_frame),
                 last_time=float(first_time if last_time is None else last_time),
                 thumbnail=thumbnail, finished=bool(finished), created_at=utcnow(),
+                first_wall_time=first_wall_time,
+                last_wall_time=first_wall_time if last_wall_time is None else last_wall_time,
             )
             s.add(tracklet)
             try:
                 s.flush()
-            except SQLAlchemyError as exc:
+            except IntegrityError as exc:
                 raise StorageError(
                     f"cannot add tracklet: run {run_id}, camera {camera_id!r} already has "
                     f"track id {track_id}"
@@ -277,10 +327,15 @@ class Repository:
 
     def update_tracklet(self, tracklet_id: int, *, last_frame: int | None = None,
                         last_time: float | None = None, thumbnail: bytes | None = None,
-                        finished: bool | None = None) -> None:
+                        finished: bool | None = None, last_wall_time: float | None = None,
+                        end_reason: str | None = None) -> None:
         """Extend a tracklet / replace its thumbnail / mark it finished; None leaves a field."""
         with self._write() as s:
             tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            if last_wall_time is not None:
+                tracklet.last_wall_time = float(last_wall_time)
+            if end_reason is not None:
+                tracklet.end_reason = end_reason
             if last_frame is not None:
                 tracklet.last_frame = int(last_frame)
             if last_time is not None:
@@ -397,16 +452,16 @@ class Repository:
                     start_time=float(clip.start_time), end_time=float(clip.end_time),
                     descriptor=blob, descriptor_dtype=self._descriptor_dtype, descriptor_dim=dim,
                     model_id=clip.model_id, boxes=boxes, keypoints=keypoints,
-                    thumbnail=clip.thumbnail)
+                    start_wall_time=clip.start_wall_time, end_wall_time=clip.end_wall_time)
 
-    def tracklet_clips(self, tracklet_id: int, *, model_id: str | None = None,
-                       thumbnails: bool = True) -> list[ClipRecord]:
+    def tracklet_clips(self, tracklet_id: int, *,
+                       model_id: str | None = None) -> list[ClipRecord]:
         """A tracklet's clips in time order, with descriptors, boxes and keypoints."""
         query = select(Clip).where(Clip.tracklet_id == tracklet_id)
         if model_id is not None:
             query = query.where(Clip.model_id == model_id)
         with self._read() as s:
-            return [_clip_record(c, thumbnails)
+            return [_clip_record(c)
                     for c in s.scalars(query.order_by(Clip.start_time, Clip.id))]
 
     def tracklet_descriptor(self, tracklet_id: int,
@@ -435,17 +490,46 @@ class Repository:
             s.flush()
             return identity.id
 
+    def open_identity(self, tracklet_id: int, distance: float | None = None,
+                      candidate: int | None = None, note: str | None = None) -> int:
+        """A new identity whose first member is `tracklet_id` (decision "new"), in one
+        transaction, so a crash can never leave an identity without a member; returns its id."""
+        with self._write() as s:
+            tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            identity = Identity(created_at=utcnow())
+            s.add(identity)
+            s.flush()
+            tracklet.identity_id = identity.id
+            self._decide(s, tracklet_id, identity.id, "new", distance, candidate, note)
+            return identity.id
+
     def assign_identity(self, tracklet_id: int, identity_id: int, kind: str = "linked",
                         distance: float | None = None, candidate: int | None = None,
-                        note: str | None = None) -> int:
-        """Set a tracklet's identity and record why; returns the decision id."""
+                        note: str | None = None, *, follow_merges: bool = False) -> int:
+        """Set a tracklet's identity and record why; returns the identity assigned.
+
+        An identity merged away (by an operator) is refused, or with `follow_merges` replaced
+        by the identity it was merged into, so a linker that has not yet seen a merge still
+        links into the right identity.
+        """
         if kind not in LINK_KINDS:
             raise ValueError(f"unknown link kind {kind!r}; expected one of {LINK_KINDS}")
         with self._write() as s:
             tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            if follow_merges:
+                identity_id = self._resolve_merges(s, identity_id)
             self._live_identity(s, identity_id)
             tracklet.identity_id = identity_id
-            return self._decide(s, tracklet_id, identity_id, kind, distance, candidate, note)
+            self._decide(s, tracklet_id, identity_id, kind, distance, candidate, note)
+            return identity_id
+
+    def _resolve_merges(self, s: Session, identity_id: int) -> int:
+        seen = set()
+        identity = self._get(s, Identity, identity_id, "identity")
+        while identity.merged_into is not None and identity.id not in seen:
+            seen.add(identity.id)
+            identity = self._get(s, Identity, identity.merged_into, "identity")
+        return identity.id
 
     def merge_identities(self, keep_id: int, merge_id: int, note: str | None = None) -> list[int]:
         """Move every member of `merge_id` to `keep_id`; returns the moved tracklet ids.
@@ -504,9 +588,18 @@ class Repository:
         return self.list_tracklets(identity_id=identity_id, thumbnails=thumbnails)
 
     def link_decisions(self, tracklet_id: int | None = None,
-                       identity_id: int | None = None) -> list[LinkDecisionRecord]:
-        """Decisions in the order made; an identity filter matches the decided or the candidate id."""
+                       identity_id: int | None = None, *, kinds: Iterable[str] | None = None,
+                       after_id: int | None = None) -> list[LinkDecisionRecord]:
+        """Decisions in the order made; an identity filter matches the decided or the candidate id.
+
+        `kinds` and `after_id` let a running linker fetch only the operator's merges and splits
+        made since it last looked.
+        """
         query = select(LinkDecision).order_by(LinkDecision.id)
+        if kinds is not None:
+            query = query.where(LinkDecision.kind.in_(list(kinds)))
+        if after_id is not None:
+            query = query.where(LinkDecision.id > after_id)
         if tracklet_id is not None:
             query = query.where(LinkDecision.tracklet_id == tracklet_id)
         if identity_id is not None:
@@ -659,7 +752,9 @@ def _camera_record(c: Camera) -> CameraRecord:
         crop=None if c.crop is None else tuple(json.loads(c.crop)),
         created_at=_aware(c.created_at), status=c.status, last_frame_time=c.last_frame_time,
         last_frame_index=c.last_frame_index, fps=c.fps, frames_processed=c.frames_processed or 0,
-        updated_at=_aware(c.updated_at))
+        updated_at=_aware(c.updated_at), status_reason=c.status_reason,
+        reconnects=c.reconnects or 0, restarts=c.restarts or 0,
+        last_frame_wall_time=c.last_frame_wall_time)
 
 
 def _tracklet_record(t: Tracklet, with_thumbnail: bool) -> TrackletRecord:
@@ -667,10 +762,12 @@ def _tracklet_record(t: Tracklet, with_thumbnail: bool) -> TrackletRecord:
         id=t.id, run_id=t.run_id, camera_id=t.camera_id, track_id=t.track_id,
         first_frame=t.first_frame, last_frame=t.last_frame, first_time=t.first_time,
         last_time=t.last_time, created_at=_aware(t.created_at), identity_id=t.identity_id,
-        finished=bool(t.finished), thumbnail=t.thumbnail if with_thumbnail else None)
+        finished=bool(t.finished), thumbnail=t.thumbnail if with_thumbnail else None,
+        first_wall_time=t.first_wall_time, last_wall_time=t.last_wall_time,
+        end_reason=t.end_reason)
 
 
-def _clip_record(c: Clip, with_thumbnail: bool) -> ClipRecord:
+def _clip_record(c: Clip) -> ClipRecord:
     frames = tuple(json.loads(c.frame_indices))
     keypoints = None
     if c.keypoints is not None:
@@ -683,7 +780,7 @@ def _clip_record(c: Clip, with_thumbnail: bool) -> ClipRecord:
         descriptor=decode_descriptor(c.descriptor, c.descriptor_dtype, c.descriptor_dim),
         descriptor_dtype=c.descriptor_dtype, descriptor_dim=c.descriptor_dim, model_id=c.model_id,
         boxes=None if c.boxes is None else tuple(tuple(b) for b in json.loads(c.boxes)),
-        keypoints=keypoints, thumbnail=c.thumbnail if with_thumbnail else None)
+        keypoints=keypoints, start_wall_time=c.start_wall_time, end_wall_time=c.end_wall_time)
 
 
 def _check_version(version: int | None, url: str, *, readonly: bool) -> None:

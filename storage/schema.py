@@ -33,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -63,6 +63,11 @@ class Camera(Base):
     fps: Mapped[float | None] = mapped_column(Float)
     frames_processed: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # v2: why the camera is in its status (reconnecting / failed), and its supervision counters.
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    reconnects: Mapped[int] = mapped_column(Integer, default=0)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    last_frame_wall_time: Mapped[float | None] = mapped_column(Float)
 
 
 class Run(Base):
@@ -104,6 +109,12 @@ class Tracklet(Base):
     thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)
     identity_id: Mapped[int | None] = mapped_column(ForeignKey("identities.id"), index=True)
     finished: Mapped[bool] = mapped_column(Boolean, default=False)
+    # v2: capture wall-clock times (seconds since the Unix epoch, UTC), comparable across
+    # cameras and runs (first_time / last_time are per-connection stream seconds), and why the
+    # tracklet ended when something other than its track did (a crash repaired, an outage).
+    first_wall_time: Mapped[float | None] = mapped_column(Float)
+    last_wall_time: Mapped[float | None] = mapped_column(Float)
+    end_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Clip(Base):
@@ -123,7 +134,9 @@ class Clip(Base):
     model_id: Mapped[str] = mapped_column(String(256), index=True)
     boxes: Mapped[str | None] = mapped_column(Text)  # JSON [[x1, y1, x2, y2], ...] per frame
     keypoints: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 [T, K, 3]
-    thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)
+    thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)  # v1 only: no longer written
+    start_wall_time: Mapped[float | None] = mapped_column(Float)  # v2, see Tracklet
+    end_wall_time: Mapped[float | None] = mapped_column(Float)
 
 
 class LinkDecision(Base):
@@ -150,9 +163,27 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
-# Ordered upgrades for databases created by older releases. Version 1 is the first released
-# schema, so there is nothing to upgrade yet; version 2 will append Migration(2, ..., fn) here.
-MIGRATIONS: tuple[Migration, ...] = ()
+def _add_columns(conn: Connection, table: str, columns: dict[str, str]) -> None:
+    for name, sql_type in columns.items():
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+
+
+def _v2(conn: Connection) -> None:
+    _add_columns(conn, "cameras", {"status_reason": "TEXT", "reconnects": "INTEGER DEFAULT 0",
+                                   "restarts": "INTEGER DEFAULT 0",
+                                   "last_frame_wall_time": "FLOAT"})
+    _add_columns(conn, "tracklets", {"first_wall_time": "FLOAT", "last_wall_time": "FLOAT",
+                                     "end_reason": "TEXT"})
+    _add_columns(conn, "clips", {"start_wall_time": "FLOAT", "end_wall_time": "FLOAT"})
+    # Per-clip thumbnails were never shown (the tracklet's thumbnail is): free their space.
+    conn.exec_driver_sql("UPDATE clips SET thumbnail = NULL")
+
+
+# Ordered upgrades for databases created by older releases.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "wall-clock times, camera status reasons and counters, tracklet end reasons; "
+                 "per-clip thumbnails dropped", _v2),
+)
 
 
 def read_schema_version(conn: Connection) -> int | None:

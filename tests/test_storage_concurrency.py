@@ -165,9 +165,11 @@ def test_kill_9_mid_write_loses_nothing_committed(tmp_path):
         stored = {c.id for c in repo.tracklet_clips(tracklet.id)}
         assert set(reported) <= stored
         repo.acquire_writer("restart")  # the dead writer's lock is gone
-        assert repo.start_run({})
+        report = repo.repair(repo.start_run({}))
+        assert (report.runs_aborted, report.tracklets_closed) == (1, 1)
         runs = repo.list_runs()
         assert runs[0].status.startswith("aborted") and runs[1].status == "running"
+        assert repo.list_tracklets()[0].finished and "repaired" in repo.list_tracklets()[0].end_reason
 
 
 def test_in_memory_database_is_refused():

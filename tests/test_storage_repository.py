@@ -88,7 +88,8 @@ def test_clip_descriptor_round_trip(tmp_path, dtype, atol):
         clips = [_clip(t, i, descs[i], frames=(4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3))
                  for i in range(3)]
         clips[0] = NewClip(t, [0, 1, 2, 3], 0.0, 1.0, descs[0], "m1",
-                           boxes=[(1, 2, 3, 4)] * 4, keypoints=kps, thumbnail=b"jpg")
+                           boxes=[(1, 2, 3, 4)] * 4, keypoints=kps, start_wall_time=1.7e9,
+                           end_wall_time=1.7e9 + 1)
         ids = repo.add_clips(clips)
         assert len(ids) == 3 and ids == sorted(ids)
         got = repo.tracklet_clips(t)
@@ -98,7 +99,8 @@ def test_clip_descriptor_round_trip(tmp_path, dtype, atol):
             assert (clip.descriptor_dtype, clip.descriptor_dim, clip.model_id) == (dtype, 20, "m1")
             np.testing.assert_allclose(clip.descriptor, want, rtol=atol, atol=atol)
             assert not clip.descriptor.flags.writeable
-        assert got[0].boxes == ((1.0, 2.0, 3.0, 4.0),) * 4 and got[0].thumbnail == b"jpg"
+        assert got[0].boxes == ((1.0, 2.0, 3.0, 4.0),) * 4
+        assert (got[0].start_wall_time, got[0].end_wall_time) == (1.7e9, 1.7e9 + 1)
         np.testing.assert_array_equal(got[0].keypoints, kps)
         assert got[1].boxes is None and got[1].keypoints is None
         assert got[2].frame_indices == (8, 9, 10, 11)
@@ -226,3 +228,75 @@ def test_readonly_repository_cannot_write(tmp_path):
             with reader._engine.begin() as conn:
                 conn.exec_driver_sql("INSERT INTO identities (created_at) VALUES ('2020-01-01')")
         assert reader.stats().identities == 0
+
+
+def test_open_identity_is_one_transaction_and_merges_can_be_followed(repo):
+    run = repo.start_run({})
+    repo.upsert_camera("a")
+    t1, t2, t3 = (repo.add_tracklet(run, "a", n, 0, 10.0 * n) for n in (1, 2, 3))
+    i1 = repo.open_identity(t1, distance=0.9, candidate=None, note="nobody close")
+    assert repo.get_tracklet(t1).identity_id == i1
+    (decision,) = repo.link_decisions(tracklet_id=t1)
+    assert (decision.kind, decision.identity_id, decision.distance) == ("new", i1, 0.9)
+    i2 = repo.open_identity(t2)
+    repo.merge_identities(i1, i2)
+    with pytest.raises(StorageError, match="was merged into"):
+        repo.assign_identity(t3, i2, "linked", 0.3)
+    assert repo.assign_identity(t3, i2, "linked", 0.3, follow_merges=True) == i1
+    assert repo.get_tracklet(t3).identity_id == i1
+    changes = repo.link_decisions(kinds=("merged", "split"), after_id=decision.id)
+    assert [(c.kind, c.identity_id, c.candidate_identity_id) for c in changes] == \
+        [("merged", i1, i2)]
+    assert repo.link_decisions(kinds=("merged",), after_id=changes[-1].id) == []
+
+
+def test_repair_closes_open_tracklets_and_removes_identities_without_members(tmp_path):
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    with open_repository(url) as repo:
+        run = repo.start_run({})
+        repo.upsert_camera("a", source="/videos/a.mp4")
+        kept = repo.add_tracklet(run, "a", 1, 0, 0.0, last_frame=40, finished=True)
+        repo.open_identity(kept)
+        repo.add_tracklet(run, "a", 2, 50, 5.0, last_frame=120)  # open when the writer died
+        repo.create_identity()  # committed before its first member: the old crash window
+    with open_repository(url) as repo:
+        repo.acquire_writer("test")
+        assert repo.resume_after("a", "/videos/a.mp4") == 120
+        assert repo.resume_after("a", "/videos/other.mp4") is None
+        assert repo.resume_after("b", "/videos/a.mp4") is None
+        report = repo.repair(repo.start_run({}))
+        assert (report.runs_aborted, report.tracklets_closed, report.identities_removed) == (1, 1, 1)
+        assert "1 open tracklet(s) closed" in str(report)
+        assert all(t.finished for t in repo.list_tracklets())
+        assert repo.count_identities() == 1
+        assert repo.repair(repo.list_runs()[-1].id) == type(report)(0, 0, 0)
+        assert repo.integrity_check() == ["ok"]
+
+
+def test_repair_needs_the_writer_lock(repo):
+    with pytest.raises(StorageError, match="writer lock"):
+        repo.repair(repo.start_run({}))
+
+
+def test_a_locked_database_is_a_retryable_error_and_nothing_is_half_written(tmp_path, monkeypatch):
+    import sqlite3
+
+    from storage import StorageUnavailableError
+    from storage import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "k.db"
+    with open_repository(f"sqlite:///{path}") as repo:
+        run = repo.start_run({})
+        repo.upsert_camera("a")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past busy_timeout
+        try:
+            with pytest.raises(StorageUnavailableError, match="locked"):
+                repo.add_tracklet(run, "a", 1, 0, 0.0)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert repo.count_tracklets() == 0
+        repo.add_tracklet(run, "a", 1, 0, 0.0)  # the same write, retried, succeeds
+        assert repo.count_tracklets() == 1

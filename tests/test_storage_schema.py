@@ -29,6 +29,23 @@ def _set_version(path, version: int) -> None:
     con.close()
 
 
+V2_COLUMNS = {"cameras": ("status_reason", "reconnects", "restarts", "last_frame_wall_time"),
+              "tracklets": ("first_wall_time", "last_wall_time", "end_reason"),
+              "clips": ("start_wall_time", "end_wall_time")}
+
+
+def _v1_database(path) -> None:
+    """A database as release 1 wrote it: today's tables without the v2 columns, version 1."""
+    open_repository(f"sqlite:///{path}").close()
+    con = sqlite3.connect(path)
+    for table, columns in V2_COLUMNS.items():
+        for column in columns:
+            con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    con.commit()
+    con.close()
+    _set_version(path, 1)
+
+
 def test_fresh_database_gets_current_schema(tmp_path):
     with open_repository(f"sqlite:///{tmp_path / 'k.db'}") as repo:
         assert repo.schema_version == SCHEMA_VERSION
@@ -60,40 +77,40 @@ def test_newer_schema_is_refused_by_writer_and_reader_and_left_untouched(tmp_pat
     assert _digest(path) == before
 
 
-def test_older_schema_is_migrated_in_order(tmp_path, monkeypatch):
-    """A v1 database is upgraded by a (test-defined) v2 migration that adds a column."""
+def test_v1_database_is_migrated_to_v2(tmp_path):
+    """The real v2 migration: wall-clock and status columns added, data kept, clip thumbnails
+    (never shown) freed; a reader may not migrate, it asks for the writer."""
     path = tmp_path / "old.db"
-    with open_repository(f"sqlite:///{path}") as repo:
-        repo.upsert_camera("a", "Gate")
-
-    def add_location(conn) -> None:
-        conn.execute(text("ALTER TABLE cameras ADD COLUMN location TEXT"))
-        conn.execute(text("UPDATE cameras SET location = 'unknown'"))
-
-    monkeypatch.setattr(repository_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(repository_module, "MIGRATIONS",
-                        (Migration(2, "cameras.location", add_location),))
-    # a reader may not migrate: it asks for the writer
+    _v1_database(path)
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO cameras (id, name, source, frames_processed, created_at) "
+                "VALUES ('a', 'Gate', '/v.avi', 3, '2026-01-01 00:00:00')")
+    con.commit()
+    con.close()
     with pytest.raises(StorageError, match="schema version 1, this program needs 2"):
         open_repository(f"sqlite:///{path}", readonly=True)
     with open_repository(f"sqlite:///{path}") as repo:
         assert repo.schema_version == 2
-        assert [c.name for c in repo.list_cameras()] == ["Gate"]
+        (camera,) = repo.list_cameras()
+        assert (camera.name, camera.frames_processed, camera.restarts) == ("Gate", 3, 0)
+        run = repo.start_run({})
+        tracklet = repo.add_tracklet(run, "a", 1, 0, 0.0, first_wall_time=1.8e9)
+        assert repo.get_tracklet(tracklet).first_wall_time == 1.8e9
     con = sqlite3.connect(path)
-    assert con.execute("SELECT location FROM cameras").fetchall() == [("unknown",)]
+    for table, columns in V2_COLUMNS.items():
+        assert set(columns) <= {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
     assert con.execute("SELECT value FROM schema_meta").fetchone() == ("2",)
     con.close()
 
 
 def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     path = tmp_path / "old.db"
-    open_repository(f"sqlite:///{path}").close()
+    _v1_database(path)
 
     def half_done(conn) -> None:
         conn.execute(text("ALTER TABLE cameras ADD COLUMN location TEXT"))
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(repository_module, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(repository_module, "MIGRATIONS", (Migration(2, "broken", half_done),))
     with pytest.raises(RuntimeError, match="disk on fire"):
         open_repository(f"sqlite:///{path}")
@@ -106,7 +123,7 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
 
 def test_missing_migration_step_is_reported(tmp_path, monkeypatch):
     path = tmp_path / "old.db"
-    open_repository(f"sqlite:///{path}").close()
+    _v1_database(path)
     monkeypatch.setattr(repository_module, "SCHEMA_VERSION", 3)
     monkeypatch.setattr(repository_module, "MIGRATIONS", (Migration(3, "x", lambda c: None),))
     with pytest.raises(StorageError, match="no complete migration path from schema version 1 to 3"):

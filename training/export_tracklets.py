@@ -243,7 +243,7 @@ def export_tracklets(db: str, out: str | Path, *, min_clips: int = 1, cameras: S
                 if tracklet.id in done and keypoint_cache_path(out, KEYPOINT_BACKEND, tracklet_key(tracklet.id)).is_file():
                     summary.skipped_done += 1
                     continue
-                clips = repo.tracklet_clips(tracklet.id, thumbnails=False)
+                clips = repo.tracklet_clips(tracklet.id)
                 if len(clips) < min_clips:
                     summary.skipped_few_clips += 1
                     continue
