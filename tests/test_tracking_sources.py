@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from support import FlakyVideoServer
-from tracking.sources import ReconnectPolicy, SourceError, VideoSource
+from tracking.sources import LatestFrames, ReconnectPolicy, SourceError, VideoSource
 from tracking.synthetic import moving_rectangles, write_moving_rectangles, write_video
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=3)
@@ -199,3 +199,30 @@ def test_live_source_reconnects_at_end_of_stream_and_keeps_counting(tmp_path):
     assert indices == list(range(50))
     assert all(b - a == pytest.approx(0.1, abs=1e-3) for a, b in zip(times, times[1:]))
     assert source.stats.reconnects >= 2
+
+
+def test_latest_frames_skips_what_a_slow_consumer_cannot_take(tmp_path):
+    """A consumer slower than the source gets the newest frame each time, never a backlog."""
+    frames = [np.full((32, 32, 3), i * 4, np.uint8) for i in range(60)]
+    path = write_video(tmp_path / "v.mkv", frames, fps=30)
+    latest = LatestFrames(VideoSource(path, realtime=True))
+    seen = []
+    for frame in latest:
+        seen.append(frame.index)
+        time.sleep(0.2)  # 6 source frames per consumed one
+    assert seen[-1] >= 50 and len(seen) < 20
+    assert latest.skipped == 60 - len(seen)
+    assert all(a < b for a, b in zip(seen, seen[1:]))
+
+
+def test_latest_frames_raises_the_source_error_and_stops_promptly(tmp_path):
+    with pytest.raises(SourceError, match="file not found"):
+        list(LatestFrames(VideoSource(tmp_path / "missing.mkv")))
+    policy = ReconnectPolicy(initial_delay=30.0)
+    latest = LatestFrames(VideoSource("rtsp://user:hunter2@127.0.0.1:9/x", reconnect=policy,
+                                      open_timeout=1.0))
+    started = time.monotonic()
+    threading.Timer(1.5, latest.stop).start()
+    assert list(latest) == []
+    assert time.monotonic() - started < 5.0
+    assert latest.stats.state == "ended" and "hunter2" not in (latest.stats.last_error or "")

@@ -19,6 +19,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from .redact import redact
 from .types import VideoFrame
 
 LOG = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class SourceError(RuntimeError):
     """A video source could not be opened or read; the message names the source and why."""
 
     def __init__(self, source: str, reason: str) -> None:
+        source, reason = redact(source), redact(reason)  # FFmpeg's messages name the URL
         super().__init__(f"video source {source!r}: {reason}")
         self.source = source
         self.reason = reason
@@ -56,13 +58,20 @@ class ReconnectPolicy:
 
 @dataclass
 class SourceStats:
-    """Counters a status line can show; updated while the source is iterated."""
+    """Counters a status line can show; updated while the source is iterated (read them from
+    any thread: a worker reports `state` even while the source waits to reconnect).
+
+    `state`: "connecting" (opening, first time), "streaming", "reconnecting" (waiting or
+    re-opening after `last_error`; `attempt` counts tries since the last frame) or "ended".
+    """
 
     frames_decoded: int = 0
     frames_yielded: int = 0
     corrupt_packets: int = 0
     reconnects: int = 0
     last_error: str | None = None
+    state: str = "connecting"
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,7 @@ class VideoSource:
         open_timeout, read_timeout: seconds FFmpeg waits to open a network stream and for
             data once open, so a stalled stream raises instead of hanging.
         options: extra FFmpeg options (e.g. {"rtsp_transport": "udp"}).
-        name: how messages name the source (default: the source string).
+        name: how messages name the source (default: the source string, credentials hidden).
 
     Iterating opens the source; `stop()` (from another thread) ends an iteration promptly,
     including during a backoff sleep. `stats` counts frames, skipped corrupt packets and
@@ -129,7 +138,7 @@ class VideoSource:
                                  or crop[0] < 0 or crop[1] < 0):
             raise ValueError(f"crop must be (x, y, w, h) with x, y >= 0 and w, h > 0, got {crop}")
         self._target = _resolve(source, options)
-        self.name = name or str(source)
+        self.name = redact(name or str(source))
         self.crop = tuple(int(v) for v in crop) if crop is not None else None
         self.stride = stride
         self.max_fps = max_fps
@@ -154,8 +163,9 @@ class VideoSource:
         self._stop.set()
 
     def _error(self, reason: str) -> SourceError:
-        self.stats.last_error = reason
-        return SourceError(self.name, reason)
+        error = SourceError(self.name, reason)
+        self.stats.last_error = error.reason
+        return error
 
     def _open(self) -> av.container.InputContainer:
         target = self._target
@@ -191,63 +201,79 @@ class VideoSource:
         self._stop.clear()
         sampler = _Sampler(self.stride, self.max_fps)
         pacer = _Pacer() if self.realtime else None
+        stats = self.stats
         attempt = 0
+        connection = 0
         resume_after = -1  # last decoded index delivered: a re-opened non-live source skips to it
         index_offset = 0  # live sources keep counting frames and time across reconnects
         time_offset = 0.0
-        last_index, last_time = -1, 0.0
-        while not self._stop.is_set():
-            try:
-                container = self._open()
-            except SourceError as exc:
-                if self.reconnect is None:
-                    raise
-                attempt += 1
-                if not self._backoff(attempt, exc.reason):
-                    if self._stop.is_set():
-                        return
-                    raise self._error(f"gave up after {attempt - 1} reconnect attempts: "
-                                      f"{exc.reason}") from exc
-                continue
-            first_in_connection = True
-            try:
-                for raw_index, pts_time, decoded in self._decode(container):
-                    if self.live:
-                        if first_in_connection:
-                            index_offset = last_index + 1
-                            time_offset = (last_time + 1.0 / self._fps(container) - pts_time
-                                           if last_index >= 0 else 0.0)
-                        index, stamp = raw_index + index_offset, pts_time + time_offset
-                    else:
-                        if raw_index <= resume_after:
+        last_index, last_time, last_wall = -1, 0.0, 0.0
+        file_wall_start: float | None = None  # a file's frames: this wall time + stream time
+        try:
+            while not self._stop.is_set():
+                try:
+                    container = self._open()
+                except SourceError as exc:
+                    if self.reconnect is None:
+                        raise
+                    attempt += 1
+                    if not self._backoff(attempt, exc.reason):
+                        if self._stop.is_set():
+                            return
+                        raise self._error(f"gave up after {attempt - 1} reconnect attempts: "
+                                          f"{exc.reason}") from exc
+                    continue
+                connection += 1
+                first_in_connection = True
+                try:
+                    for raw_index, pts_time, decoded in self._decode(container):
+                        wall = time.time()
+                        if self.live:
+                            if first_in_connection:
+                                # The stream clock continues across a reconnect and includes the
+                                # outage, so times stay close to the wall clock.
+                                index_offset = last_index + 1
+                                time_offset = (last_time + max(wall - last_wall,
+                                                               1.0 / self._fps(container))
+                                               - pts_time if last_index >= 0 else 0.0)
+                            index, stamp = raw_index + index_offset, pts_time + time_offset
+                        else:
+                            if raw_index <= resume_after:
+                                continue
+                            index, stamp = raw_index, pts_time
+                            if file_wall_start is None:
+                                file_wall_start = wall - pts_time
+                            wall = file_wall_start + pts_time
+                        first_in_connection = False
+                        attempt = 0
+                        stats.state, stats.attempt = "streaming", 0
+                        last_index, last_time, last_wall = index, stamp, wall
+                        resume_after = raw_index
+                        if not sampler.keep(index, stamp):
                             continue
-                        index, stamp = raw_index, pts_time
-                    first_in_connection = False
-                    attempt = 0
-                    last_index, last_time = index, stamp
-                    resume_after = raw_index
-                    if not sampler.keep(index, stamp):
-                        continue
-                    if pacer is not None:
-                        pacer.wait(stamp, self._stop)
+                        if pacer is not None:
+                            pacer.wait(stamp, self._stop)
+                        if self._stop.is_set():
+                            return
+                        stats.frames_yielded += 1
+                        yield VideoFrame(index=index, time=stamp, image=self._image(decoded),
+                                         wall_time=wall, connection=connection)
+                    if not self.live or self.reconnect is None:
+                        return
+                    reason = "end of stream"
+                except SourceError as exc:
+                    if self.reconnect is None:
+                        raise
+                    reason = exc.reason
+                finally:
+                    container.close()
+                attempt += 1
+                if not self._backoff(attempt, reason):
                     if self._stop.is_set():
                         return
-                    self.stats.frames_yielded += 1
-                    yield VideoFrame(index=index, time=stamp, image=self._image(decoded))
-                if not self.live or self.reconnect is None:
-                    return
-                reason = "end of stream"
-            except SourceError as exc:
-                if self.reconnect is None:
-                    raise
-                reason = exc.reason
-            finally:
-                container.close()
-            attempt += 1
-            if not self._backoff(attempt, reason):
-                if self._stop.is_set():
-                    return
-                raise self._error(f"gave up after {attempt - 1} reconnect attempts: {reason}")
+                    raise self._error(f"gave up after {attempt - 1} reconnect attempts: {reason}")
+        finally:
+            stats.state = "ended"
 
     def _backoff(self, attempt: int, reason: str) -> bool:
         """Sleep before reconnect attempt `attempt`; False when the policy says give up."""
@@ -256,8 +282,10 @@ class VideoSource:
             return False
         delay = policy.delay(attempt)
         self.stats.reconnects += 1
+        self.stats.state, self.stats.attempt = "reconnecting", attempt
+        self.stats.last_error = redact(reason)
         LOG.warning("video source %r: %s; reconnecting in %.2f s (attempt %d%s)", self.name,
-                    reason, delay, attempt,
+                    redact(reason), delay, attempt,
                     f"/{policy.max_attempts}" if policy.max_attempts is not None else "")
         return not self._stop.wait(delay)
 
@@ -330,6 +358,68 @@ class VideoSource:
             raise self._error(f"crop (x={x}, y={y}, w={w}, h={h}) lies outside the "
                               f"{image.shape[1]}x{image.shape[0]} frame")
         return np.ascontiguousarray(image[y:y + h, x:x + w])
+
+
+class LatestFrames:
+    """A live source that stays current: a reader thread takes frames as fast as the source
+    delivers them and keeps only the newest; iterating yields the newest frame each time.
+
+    When processing is slower than the camera, frames are skipped (counted in `skipped`), never
+    queued, so the consumer never falls behind real time. Errors of the source are raised in
+    the consumer; `stop()` ends both sides promptly.
+    """
+
+    def __init__(self, source: VideoSource) -> None:
+        self.source = source
+        self.skipped = 0
+        self._latest: VideoFrame | None = None
+        self._done = False
+        self._error: BaseException | None = None
+        self._ready = threading.Condition()
+        self._stopped = threading.Event()
+
+    @property
+    def stats(self) -> SourceStats:
+        return self.source.stats
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.source.stop()
+        with self._ready:
+            self._ready.notify_all()
+
+    def _read(self) -> None:
+        try:
+            for frame in self.source:
+                with self._ready:
+                    if self._latest is not None:
+                        self.skipped += 1
+                    self._latest = frame
+                    self._ready.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._error = exc
+        finally:
+            with self._ready:
+                self._done = True
+                self._ready.notify_all()
+
+    def __iter__(self) -> Iterator[VideoFrame]:
+        reader = threading.Thread(target=self._read, name=f"read-{self.source.name}", daemon=True)
+        reader.start()
+        try:
+            while True:
+                with self._ready:
+                    self._ready.wait_for(lambda: self._latest is not None or self._done
+                                         or self._stopped.is_set())
+                    frame, self._latest = self._latest, None
+                    if frame is None:
+                        break
+                yield frame
+        finally:
+            self.source.stop()
+            reader.join(timeout=self.source.read_timeout + 1.0)
+        if self._error is not None and not isinstance(self._error, GeneratorExit):
+            raise self._error
 
 
 class _Sampler:

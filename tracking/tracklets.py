@@ -69,6 +69,8 @@ def keypoints_to_crop(keypoints: np.ndarray | None, crop: tuple[int, int, int, i
 class _Observation:
     frame_index: int
     time: float
+    wall_time: float
+    box: np.ndarray  # float32 [4] in frame pixels, kept so a stored clip can be re-cropped
     crop: np.ndarray  # uint8 [H, W, 3] at the clip size
     keypoints: np.ndarray  # float32 [17, 3] in crop coordinates
 
@@ -81,6 +83,7 @@ class _Track:
         self.observations: deque[_Observation] = deque(maxlen=window)
         self.first_frame = self.last_frame = -1
         self.first_time = self.last_time = 0.0
+        self.first_wall_time = self.last_wall_time = 0.0
         self.count = 0
         self.new_since_clip = 0
         self.clips = 0
@@ -91,7 +94,9 @@ class _Track:
     def add(self, observation: _Observation, quality: float, step: int) -> None:
         if self.count == 0:
             self.first_frame, self.first_time = observation.frame_index, observation.time
+            self.first_wall_time = observation.wall_time
         self.last_frame, self.last_time = observation.frame_index, observation.time
+        self.last_wall_time = observation.wall_time
         self.observations.append(observation)
         self.count += 1
         self.new_since_clip += 1
@@ -199,7 +204,8 @@ class TrackletBuffer:
         pixels = frame.image[y0:ye, x0:xe]
         interpolation = cv2.INTER_AREA if (ye - y0) > out_h else cv2.INTER_LINEAR
         resized = cv2.resize(pixels, (out_w, out_h), interpolation=interpolation)
-        return _Observation(frame.index, frame.time, resized,
+        return _Observation(frame.index, frame.time, frame.wall_time,
+                            np.asarray(detection.box, dtype=np.float32), resized,
                             keypoints_to_crop(detection.keypoints, crop, self.clip_size))
 
     def _clip(self, track: _Track, *, final: bool) -> Clip:
@@ -216,6 +222,8 @@ class TrackletBuffer:
             crops=np.stack([o.crop for o in chosen]),
             keypoints=np.stack([o.keypoints for o in chosen]),
             final=final,
+            wall_times=tuple(o.wall_time for o in chosen),
+            boxes=np.stack([o.box for o in chosen]),
         )
 
     def _end(self, track_id: int) -> list[Clip]:
@@ -231,4 +239,5 @@ class TrackletBuffer:
             first_frame=track.first_frame, last_frame=track.last_frame,
             first_time=track.first_time, last_time=track.last_time,
             num_observations=track.count, thumbnail=track.thumbnail, ended=ended,
+            first_wall_time=track.first_wall_time, last_wall_time=track.last_wall_time,
         )

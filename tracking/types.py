@@ -6,7 +6,8 @@ a score of 0 means "unknown".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,11 +20,16 @@ class VideoFrame:
     stable whatever sampling the camera uses; `time` is the stream time in seconds
     (pts * time_base, or index / fps when the stream carries no timestamps).
     `image` is RGB uint8, H x W x 3, already cropped when the source has a crop.
+    `wall_time` is when the frame was captured, in seconds since the Unix epoch (UTC): the clock
+    every camera and run shares (a live frame's arrival; a file's start plus its stream time).
+    `connection` counts the source's (re)connections, so a consumer can tell an outage.
     """
 
     index: int
     time: float
     image: np.ndarray
+    wall_time: float = field(default_factory=time.time)
+    connection: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +75,8 @@ class Clip:
     crops: np.ndarray
     keypoints: np.ndarray
     final: bool
+    wall_times: tuple[float, ...] = ()  # capture wall-clock times of the frames (see VideoFrame)
+    boxes: np.ndarray | None = None  # float32 [T, 4] (x1, y1, x2, y2) in frame pixels
 
     def __len__(self) -> int:
         return len(self.frame_indices)
@@ -92,3 +100,5 @@ class TrackletUpdate:
     num_observations: int
     thumbnail: np.ndarray
     ended: bool
+    first_wall_time: float | None = None  # capture wall-clock span (see VideoFrame)
+    last_wall_time: float | None = None

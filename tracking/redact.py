@@ -1,0 +1,37 @@
+"""Credentials in camera URLs never leave the config: `redact` hides them in any text.
+
+Camera sources are often `rtsp://user:password@host/...` or carry `?token=...`. FFmpeg names the
+URL in its errors, the watcher logs and stores sources, and the dashboard shows them, so every
+one of those paths passes its text through `redact` first. Only the secret is replaced: the
+host, path and user name stay readable for the operator.
+"""
+from __future__ import annotations
+
+import re
+
+MASK = "***"
+SECRET_PARAMETERS = ("password", "passwd", "pwd", "pass", "token", "access_token", "auth",
+                     "secret", "key", "apikey", "api_key", "signature", "sig")
+
+# scheme://user:secret@  (the secret may contain anything but '@', '/' and whitespace)
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@?#]*:)(?P<secret>[^\s/@]+)@")
+_PARAMETER = re.compile(
+    r"(?P<head>[?&;](?:" + "|".join(SECRET_PARAMETERS) + r")=)(?P<secret>[^&#\s'\"]+)",
+    re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords and secret query parameters replaced by `***`."""
+    text = _USERINFO.sub(lambda m: f"{m['head']}{MASK}@", text)
+    return _PARAMETER.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def redact_value(value):
+    """`redact` applied to every string inside nested dicts, lists and tuples (a stored config)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_value(item) for item in value)
+    return value
