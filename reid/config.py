@@ -6,6 +6,11 @@ from typing import Any
 
 LOCAL_MODES = ("keypoints", "stripes", "whole", "none")
 KPS_MODES = ("prior", "multiply")
+TCSS_MODES = ("random", "fixed")
+PART_MAPS = ("limbs", "joints")
+PART_SCALES = ("sqrt", "k")
+# What a config written before a field existed meant (old checkpoints keep their behaviour).
+LEGACY_DEFAULTS = {"tcss_mode": "fixed", "part_maps": "joints", "part_scale": "k"}
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,15 @@ class ModelConfig:
     (VID-Trans-ReID's horizontal stripes), `whole` (one local token over all patches: the
     "without KPS" ablation) or `none` (global branch only). `use_global=False` is the
     "local branch only" ablation.
+
+    `tcss_mode`: `random` (the paper's TCSS: a random per-patch circular shift of the frames,
+    a training-time perturbation, off at inference) or `fixed` (the rotation by patch index
+    applied at training and inference alike, as this project first did). `part_maps`: `limbs`
+    (Gaussian tube around each part's joint-to-joint segments, the default) or `joints` (the
+    paper's Eq. 5: mean of per-joint Gaussians), both with `heatmap_sigma` in input pixels.
+    `part_scale`: parts enter the descriptor divided by `sqrt` K (the local block keeps the
+    same weight next to the global feature whatever the number K of parts, so ablations with
+    K = 1, 4 or 6 compare part mechanisms, not descriptor balances) or by `k` (the paper's).
     """
 
     backbone: str = "vit_base_patch16_224"
@@ -32,12 +46,15 @@ class ModelConfig:
     kps_mode: str = "prior"
     prior_floor: float = 1e-4
     tcss: bool = True
+    tcss_mode: str = "random"
     tcss_shift: int = 5
     tcss_groups: int = 2
     num_stripes: int = 4
     part_heads: int | None = None
     attention_dim: int = 256
     heatmap_sigma: float = 8.0
+    part_maps: str = "limbs"
+    part_scale: str = "sqrt"
     keypoint_threshold: float = 0.1
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -49,6 +66,11 @@ class ModelConfig:
             problems.append(f"local={self.local!r} (choose from {LOCAL_MODES})")
         if self.kps_mode not in KPS_MODES:
             problems.append(f"kps_mode={self.kps_mode!r} (choose from {KPS_MODES})")
+        for name, allowed in (("tcss_mode", TCSS_MODES), ("part_maps", PART_MAPS), ("part_scale", PART_SCALES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} (choose from {allowed})")
+        if self.heatmap_sigma <= 0:
+            problems.append(f"heatmap_sigma={self.heatmap_sigma} must be > 0")
         if not self.use_global and self.local == "none":
             problems.append("use_global=False with local='none' leaves no branch")
         if self.stride <= 0 or self.stride > self.patch_size:
@@ -79,7 +101,8 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config fields {unknown}: written by a newer keyreid?")
         tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
-        return cls(**{**values, **tuples})
+        legacy = {k: v for k, v in LEGACY_DEFAULTS.items() if k not in values}
+        return cls(**{**legacy, **values, **tuples})
 
     def with_overrides(self, **overrides: Any) -> "ModelConfig":
         known = {f.name for f in fields(self)}

@@ -9,7 +9,8 @@ Departures from the released code (DESIGN.md §4), each kept as an option where 
   [CLS]-to-patch attention logits, so it really steers the part token. `multiply` is the
   paper's literal row scaling, which the pre-norm block's LayerNorm erases (defect 1).
 - TCSS permutes patch rows and their importance together, so patch i's weight stays on
-  patch i's features (defect 2).
+  patch i's features (defect 2). By default (`tcss_mode="random"`) it is the paper's
+  training-time perturbation: a random circular shift of each patch's frames, none at inference.
 - Only [CLS] outputs of the global and part blocks are computed (`blocks.cls_block`),
   with keys/values shared by all parts; `reference=True` runs the straightforward version.
 """
@@ -226,9 +227,10 @@ class KeyReID(nn.Module):
         batch, num_frames, num_tokens, width = features.shape
         cls = features[:, :, 0].reshape(batch, 1, num_frames * width)  # L_cls
         patches = features[:, :, 1:].transpose(1, 2)  # [B, n, T, D]
-        if self.config.tcss:
-            # Temporal circular shift: patch i's frames rotate by i mod T, so rows mix time phases.
-            patches = patches.gather(2, self._temporal_shift_index(patches))
+        if self.config.tcss and (self.training or self.config.tcss_mode == "fixed"):
+            # Temporal circular shift of each patch's frames: random per clip and patch while
+            # training (the paper's TCSS perturbation), or by patch index i mod T (`fixed`).
+            patches = patches.gather(2, self._temporal_shift_index(patches, random=self.config.tcss_mode == "random"))
         rows = patches.reshape(batch, num_tokens - 1, num_frames * width)  # L_patch: row i = patch i over time
         order = self.tcss_order
         rows = rows[:, order]
@@ -244,11 +246,15 @@ class KeyReID(nn.Module):
             out.part_logits = torch.stack(logits, dim=1)
 
     @staticmethod
-    def _temporal_shift_index(patches: torch.Tensor) -> torch.Tensor:
-        count, num_frames = patches.shape[1:3]
-        shift = torch.arange(count, device=patches.device)[:, None] % num_frames
-        source = (torch.arange(num_frames, device=patches.device)[None, :] - shift) % num_frames
-        return source[None, :, :, None].expand_as(patches)
+    def _temporal_shift_index(patches: torch.Tensor, random: bool) -> torch.Tensor:
+        """gather index `[B, n, T, D]` rotating patch i's T frames by its shift (random or i mod T)."""
+        batch, count, num_frames = patches.shape[:3]
+        if random:
+            shift = torch.randint(0, num_frames, (batch, count, 1), device=patches.device)
+        else:
+            shift = (torch.arange(count, device=patches.device) % num_frames)[None, :, None].expand(batch, -1, -1)
+        source = (torch.arange(num_frames, device=patches.device) - shift) % num_frames
+        return source[..., None].expand_as(patches)
 
     def part_tokens(
         self, cls: torch.Tensor, rows: torch.Tensor, importance: torch.Tensor | None = None, reference: bool = False
@@ -274,7 +280,8 @@ class KeyReID(nn.Module):
     def part_importance(self, keypoints: torch.Tensor) -> torch.Tensor:
         """Clip-level part-to-patch importance `[B, 6, n]` (patch-grid pooled part heatmaps)."""
         c = self.config
-        return part_patch_importance(keypoints, c.img_size, c.patch_size, c.stride, c.heatmap_sigma, c.keypoint_threshold)
+        return part_patch_importance(keypoints, c.img_size, c.patch_size, c.stride, c.heatmap_sigma, c.keypoint_threshold,
+                                     maps=c.part_maps)
 
     def _log_prior(self, importance: torch.Tensor) -> torch.Tensor:
         """`[B, K, n+1]` attention bias: log of the importance relative to the part's peak; 0 for [CLS].
@@ -286,12 +293,16 @@ class KeyReID(nn.Module):
         return F.pad(prior, (1, 0), value=0.0)
 
     def descriptor(self, out: ReIDOutput) -> torch.Tensor:
-        """Inference descriptor: concat(global BN feature, each part BN feature / K)."""
+        """Inference descriptor: concat(global BN feature, each part BN feature / sqrt(K) or / K).
+
+        BN features have about unit variance per dimension, so with / sqrt(K) the K parts
+        together weigh as much as one part, whatever K (`part_scale`, see ModelConfig)."""
         pieces = []
         if out.global_bn is not None:
             pieces.append(out.global_bn)
         if out.part_bn is not None:
-            pieces.append(out.part_bn.flatten(1) / self.num_parts)
+            divisor = self.num_parts if self.config.part_scale == "k" else self.num_parts ** 0.5
+            pieces.append(out.part_bn.flatten(1) / divisor)
         return torch.cat(pieces, dim=1)
 
 
@@ -305,8 +316,8 @@ def _tcss_row_order(config: ModelConfig) -> torch.Tensor:
     """
     count = config.num_patches
     order = torch.arange(count)
-    if not config.tcss:
-        return order
+    if not config.tcss or (config.tcss_mode == "random" and config.local != "stripes"):
+        return order  # the row shuffle only ever matters for stripes (random TCSS: skip the no-op)
     order = order.roll(-config.tcss_shift)
     groups = config.tcss_groups
     if count % groups:

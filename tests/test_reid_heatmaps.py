@@ -27,11 +27,12 @@ def test_joint_heatmap_peaks_at_the_keypoint(x, y):
     assert heatmap.max() == pytest.approx(1.0)
 
 
-def test_flip_mirrors_heatmaps_and_swaps_left_and_right_parts():
+@pytest.mark.parametrize("maps", ["joints", "limbs"])
+def test_flip_mirrors_heatmaps_and_swaps_left_and_right_parts(maps):
     keypoints = _random_pose()[0]
     flipped = torch.from_numpy(flip_keypoints(keypoints.numpy(), width=SIZE[1]))
-    original = part_heatmaps(keypoints, SIZE, sigma=8.0)
-    mirrored = part_heatmaps(flipped, SIZE, sigma=8.0)
+    original = part_heatmaps(keypoints, SIZE, sigma=8.0, maps=maps)
+    mirrored = part_heatmaps(flipped, SIZE, sigma=8.0, maps=maps)
     expected = original[list(PART_FLIP_INDEX)].flip(-1)
     assert torch.allclose(mirrored, expected, atol=1e-5)
     left_arm, right_arm = PART_NAMES.index("left_arm"), PART_NAMES.index("right_arm")
@@ -71,3 +72,37 @@ def test_a_frame_without_keypoints_does_not_dilute_the_clip():
     three = part_patch_importance(keypoints[None, :3], SIZE, 16, 16, 8.0)
     assert torch.allclose(part_patch_importance(blanked[None], SIZE, 16, 16, 8.0), three, atol=1e-6)
     assert not torch.allclose(clip, three)
+
+
+def _standing_pose() -> torch.Tensor:
+    """A person facing the camera in a 256x128 crop (the synthetic generator's skeleton)."""
+    from training.synthetic import SyntheticConfig, make_identities, skeleton
+
+    look = make_identities(SyntheticConfig(), np.random.default_rng(0))[0][0]
+    return torch.from_numpy(skeleton(0.85 * 256, 64, 250, 0.0, look, True))
+
+
+def test_limb_maps_cover_the_limb_and_the_shirt_where_joint_blobs_do_not():
+    keypoints = _standing_pose()
+    arm, torso = PART_NAMES.index("left_arm"), PART_NAMES.index("torso")
+    elbow, wrist = keypoints[7, :2], keypoints[9, :2]
+    middle = ((elbow + wrist) / 2).round().long()
+    centre = keypoints[[5, 6, 11, 12], :2].mean(0).round().long()
+    limbs = part_heatmaps(keypoints, SIZE, sigma=8.0, maps="limbs")
+    joints = part_heatmaps(keypoints, SIZE, sigma=8.0, maps="joints")
+    assert limbs[arm, middle[1], middle[0]] > 0.95  # on the forearm, between its joints
+    assert limbs[torso, centre[1], centre[0]] > 0.8  # the middle of the shirt (near the diagonals)
+    assert joints[torso, centre[1], centre[0]] < 1e-3 * joints[torso].max()  # the blob prior misses it
+    assert limbs[arm, 5, 5] < 1e-6  # far from the arm: nothing
+
+
+@pytest.mark.parametrize("stride", [16, 12])
+def test_limb_patch_importance_approximates_average_pooled_full_maps(stride):
+    keypoints = _random_pose(frames=4)
+    keypoints[2, :, 2] = 0.0
+    importance = part_patch_importance(keypoints[None], SIZE, 16, stride, sigma=8.0, maps="limbs")[0]
+    full = part_heatmaps(keypoints, SIZE, 8.0, maps="limbs")
+    pooled = F.avg_pool2d(full, kernel_size=16, stride=stride).flatten(-2)
+    expected = pooled[[0, 1, 3]].mean(0)  # frame 2 sees nothing and does not dilute the clip
+    assert torch.allclose(importance, expected, atol=0.02)
+    assert (importance - expected).abs().mean() < 2e-3

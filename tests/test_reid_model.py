@@ -124,3 +124,51 @@ def test_optimised_vit_base_costs_about_the_bare_backbone():
     bare = _gmac(lambda: backbone.forward_features(frames.flatten(0, 1)))
     assert 40 < bare < 50  # about 45 GMAC for four 256x128 frames
     assert optimised <= 1.25 * bare
+
+
+def test_tcss_perturbs_the_training_forward_and_not_the_inference_one():
+    options = dict(TINY, drop_path=0.0)
+    model = reid.build_model("keyreid_vit_tiny", seed=3, **options)  # tcss_mode="random" by default
+    plain = reid.build_model("keyreid_vit_tiny", seed=3, tcss=False, **options)
+    fixed = reid.build_model("keyreid_vit_tiny", seed=3, tcss_mode="fixed", **options)
+    frames, keypoints, cams = _inputs(model.config)
+
+    def part_feat(network, training, seed=0):
+        network.train(training)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return network(frames, keypoints, cams).part_feat
+
+    def differs(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert torch.equal(part_feat(model, False), part_feat(plain, False))  # off at inference
+    assert differs(part_feat(model, True, seed=1), part_feat(plain, True)) > 1e-2  # on in training
+    assert differs(part_feat(model, True, seed=1), part_feat(model, True, seed=2)) > 1e-2  # and random
+    # The fixed rotation (this project's first TCSS) is the same at training and inference.
+    assert torch.allclose(part_feat(fixed, True), part_feat(fixed, False), atol=1e-6)
+    assert differs(part_feat(fixed, False), part_feat(plain, False)) > 1e-2
+
+
+def test_configs_written_before_new_fields_keep_their_behaviour():
+    from reid.config import LEGACY_DEFAULTS, ModelConfig
+
+    current = reid.get_config("keyreid_vit_tiny")
+    assert (current.tcss_mode, current.part_maps, current.part_scale) == ("random", "limbs", "sqrt")
+    old = ModelConfig.from_dict({k: v for k, v in current.to_dict().items() if k not in LEGACY_DEFAULTS})
+    assert (old.tcss_mode, old.part_maps, old.part_scale) == ("fixed", "joints", "k")
+    assert ModelConfig.from_dict(current.to_dict()) == current
+    with pytest.raises(ValueError, match="part_maps"):
+        reid.get_config("keyreid_vit_tiny", part_maps="blobs")
+
+
+@pytest.mark.parametrize("local,parts", [("keypoints", 6), ("whole", 1), ("stripes", 4)])
+def test_descriptor_keeps_the_global_local_balance_whatever_the_part_count(local, parts):
+    model = reid.build_model("keyreid_vit_tiny", local=local, **TINY).eval()
+    frames, keypoints, cams = _inputs(model.config)
+    with torch.no_grad():
+        out = model(frames, keypoints, cams)
+        descriptor = model.descriptor(out)
+    width = model.embed_dim
+    assert torch.equal(descriptor[:, :width], out.global_bn)
+    assert torch.allclose(descriptor[:, width:], out.part_bn.flatten(1) / parts ** 0.5)
