@@ -45,7 +45,7 @@ def _detect_only(camera: CameraConfig, detector: DetectorConfig, max_frames: int
         frames.append(frame)
     tracker = PoseTracker(detector.weights, imgsz=detector.imgsz, conf=detector.conf,
                           iou=detector.iou, tracker=detector.tracker, device=detector.device,
-                          torch_threads=detector.threads)
+                          threads=detector.threads, runtime=detector.runtime)
     tracker.warm_up(*frames[0].image.shape[:2])  # outside the clock, as the watcher's workers do
     start_barrier.wait()
     start = time.monotonic()

