@@ -27,6 +27,7 @@ from .records import (
     TrackletRecord,
 )
 from .repository import DEFAULT_URL, Repository, open_repository
+from .retention import RetentionPolicy, RetentionReport, enforce_retention
 from .schema import SCHEMA_VERSION
 from .search import GalleryIndex, nearest
 
@@ -44,6 +45,8 @@ __all__ = [
     "RepairReport",
     "ReadOnlyError",
     "Repository",
+    "RetentionPolicy",
+    "RetentionReport",
     "RunRecord",
     "SchemaTooNewError",
     "SchemaTooOldError",
@@ -53,6 +56,7 @@ __all__ = [
     "StorageUnavailableError",
     "TrackletRecord",
     "WriterLockedError",
+    "enforce_retention",
     "nearest",
     "open_repository",
     "validate_database_url",

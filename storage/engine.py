@@ -100,6 +100,9 @@ def _install_sqlite_listeners(engine: Engine, *, readonly: bool) -> None:
             if readonly:
                 cursor.execute("PRAGMA query_only = ON")
             else:
+                # Only takes effect on a file without tables (so before the first CREATE
+                # TABLE); lets retention give freed pages back (storage/retention.py).
+                cursor.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute("PRAGMA synchronous = NORMAL")
                 cursor.execute("PRAGMA foreign_keys = ON")
