@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from storage import validate_database_url
+from tracking.redact import redact, redact_value
+from tracking.sources import LIVE_SCHEMES
 
 CACHE_ENV = "KEYREID_CACHE"
 BACKPRESSURE_POLICIES = ("auto", "block", "drop_oldest")
@@ -62,6 +64,22 @@ class CameraConfig:
     max_fps: float | None = 5.0
     enabled: bool = True
     live: bool | None = None
+    source_template: str | None = None  # `source` as written, `${VAR}`s unexpanded
+
+    @property
+    def shown_source(self) -> str:
+        """The source as logged, stored and displayed: as written, credentials hidden."""
+        return redact(self.source_template or self.source)
+
+    @property
+    def is_live(self) -> bool:
+        """Reconnected on errors and at end of stream (see `tracking.VideoSource`)."""
+        if self.live is not None:
+            return self.live
+        if self.source.isdigit() or self.source.startswith("/dev/video"):
+            return True
+        return bool(_URL_RE.match(self.source)) and \
+            self.source.split("://", 1)[0].lower() in LIVE_SCHEMES
 
     @property
     def is_file(self) -> bool:
@@ -159,6 +177,45 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class SupervisionConfig:
+    """Keeping the service up. A live camera whose worker fails or dies is restarted after
+    `restart_delay` seconds (doubling up to `restart_max_delay`), at most `max_restarts` times
+    per `restart_window` seconds; a file camera is not restarted (the next run resumes it).
+    `drain_timeout`: how long a stop waits for the cameras to finish their tracks.
+    `open_timeout`: how long a network source may take to open or deliver data."""
+
+    restart_live: bool = True
+    max_restarts: int = 5
+    restart_window: float = 600.0
+    restart_delay: float = 2.0
+    restart_max_delay: float = 60.0
+    drain_timeout: float = 10.0
+    open_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Writes that fail for a reason that may pass (disk full, locked) wait in memory, in order,
+    and are retried with backoff; at most `spool_clips` clips wait before the cameras are
+    slowed (files) or their oldest clips dropped (live)."""
+
+    spool_clips: int = 1024
+    retry_delay: float = 0.5
+    retry_max_delay: float = 15.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Bounded storage: finished tracklets older than `max_age_days` and, oldest first, beyond
+    `max_gb` of database are deleted with their clips (null = no limit), checked every
+    `interval` seconds in small batches."""
+
+    max_age_days: float | None = None
+    max_gb: float | None = None
+    interval: float = 60.0
+
+
+@dataclass(frozen=True)
 class WatchConfig:
     cameras: tuple[CameraConfig, ...]
     database: str
@@ -168,6 +225,9 @@ class WatchConfig:
     clips: ClipConfig = ClipConfig()
     linking: LinkingConfig = LinkingConfig()
     queues: QueueConfig = QueueConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
+    storage: StorageConfig = StorageConfig()
+    retention: RetentionConfig = RetentionConfig()
     cache_dir: str = ""
     path: str = ""
     warnings: tuple[str, ...] = ()
@@ -188,8 +248,14 @@ class WatchConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly snapshot, stored with each run."""
-        return asdict(self)
+        """A JSON-friendly snapshot, stored with each run: sources as written (`${VAR}`s
+        unexpanded), every credential in a URL hidden."""
+        snapshot = asdict(self)
+        for camera, stored in zip(self.cameras, snapshot["cameras"]):
+            stored["source"] = camera.shown_source
+            del stored["source_template"]
+        snapshot["database"] = redact(self.database)
+        return redact_value(snapshot)
 
 
 class _Checker:
@@ -325,7 +391,7 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
     if not isinstance(raw, dict):
         raise ConfigError(shown, [f"the top level must be a mapping, got {type(raw).__name__}"])
     sections = {"cameras", "database", "detector", "keypoints", "reid", "clips", "linking",
-                "queues", "cache_dir"}
+                "queues", "supervision", "storage", "retention", "cache_dir"}
     for key in raw:
         if key not in sections:
             check.problems.append(f"unknown top-level field {key!r} (known: "
@@ -426,12 +492,33 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
     check.number("queues", queues, "pending_clips", integer=True, minimum=1)
     check.choice("queues", queues, "policy", BACKPRESSURE_POLICIES)
 
+    supervision = check.section("supervision", raw.get("supervision"), SupervisionConfig,
+                                base_dir)
+    check.boolean("supervision", supervision, "restart_live")
+    check.number("supervision", supervision, "max_restarts", integer=True, minimum=0)
+    for key in ("restart_window", "restart_delay", "restart_max_delay", "drain_timeout",
+                "open_timeout"):
+        check.number("supervision", supervision, key, minimum=0.0, exclusive=True)
+
+    storage = check.section("storage", raw.get("storage"), StorageConfig, base_dir)
+    check.number("storage", storage, "spool_clips", integer=True, minimum=1)
+    check.number("storage", storage, "retry_delay", minimum=0.0, exclusive=True)
+    check.number("storage", storage, "retry_max_delay", minimum=0.0, exclusive=True)
+
+    retention = check.section("retention", raw.get("retention"), RetentionConfig, base_dir)
+    check.number("retention", retention, "max_age_days", minimum=0.0, exclusive=True,
+                 optional=True)
+    check.number("retention", retention, "max_gb", minimum=0.0, exclusive=True, optional=True)
+    check.number("retention", retention, "interval", minimum=0.0, exclusive=True)
+
     if check.problems:
         raise ConfigError(shown, check.problems)
     return WatchConfig(
         cameras=tuple(cameras), database=db_url, detector=DetectorConfig(**det),
         keypoints=KeypointsConfig(**kps), reid=ReidConfig(**reid), clips=ClipConfig(**clips),
-        linking=LinkingConfig(**link), queues=QueueConfig(**queues), cache_dir=cache_dir,
+        linking=LinkingConfig(**link), queues=QueueConfig(**queues),
+        supervision=SupervisionConfig(**supervision), storage=StorageConfig(**storage),
+        retention=RetentionConfig(**retention), cache_dir=cache_dir,
         path=shown, warnings=tuple(check.warnings))
 
 
@@ -477,6 +564,9 @@ def _cameras(raw: Any, base_dir: Path, check: _Checker) -> list[CameraConfig]:
         source = values.get("source")
         if isinstance(source, int) and not isinstance(source, bool):
             source = values["source"] = str(source)
+        written = item.get("source")
+        if isinstance(written, str) and "${" in written:
+            values["source_template"] = written
         if source is None or source == "":
             check.problems.append(f"{where}: missing source (a file path, a URL or a webcam index)")
         elif not isinstance(source, str):

@@ -4,10 +4,15 @@ It lives in the main process beside the database writer, so the (GPU) model is l
 batches mix cameras. A batch is encoded when it reaches `batch_size` clips or its oldest clip
 has waited `max_wait` seconds; `backlog` is what the watcher uses to stop reading worker queues
 (back-pressure) when encoding falls behind.
+
+A batch that fails goes back to the front of the queue, nothing is lost: out of memory halves
+the batch size (down to one clip) and the batch is retried at once; any other error is raised
+for the watcher to log and retry later.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ import numpy as np
 from .config import ReidConfig
 
 LOG = logging.getLogger(__name__)
+FAULT_ENV = "KEYREID_FAULT_ENCODER"  # test hook: "oom=N,nan=M" (first N batches, M clips)
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,8 +51,10 @@ class EncoderService:
                                batch_size=config.batch_size, precision=config.precision,
                                **(config.overrides if config.checkpoint is None else {}))
         self.queue: deque[PendingClip] = deque()
+        self.batch_size = config.batch_size
         self.encoded_clips = 0
         self.encode_seconds = 0.0
+        self._faults = _InjectedFaults.from_env()
         LOG.info("encoder: %s on %s (dim %d, %s)", self.encoder.model_id, self.encoder.device,
                  self.encoder.dim, "trained" if self.encoder.trained else "UNTRAINED")
 
@@ -70,18 +78,71 @@ class EncoderService:
         if not self.queue:
             return False
         now = time.monotonic() if now is None else now
-        return (len(self.queue) >= self.config.batch_size
+        return (len(self.queue) >= self.batch_size
                 or now - self.queue[0].arrived >= self.config.max_wait)
 
     def encode_batch(self) -> list[tuple[object, np.ndarray]]:
-        """Encode up to one batch of the oldest clips: (tag, float32 descriptor [dim]) pairs."""
-        batch = [self.queue.popleft() for _ in range(min(self.config.batch_size, len(self.queue)))]
-        if not batch:
-            return []
-        start = time.monotonic()
+        """Encode up to one batch of the oldest clips: (tag, float32 descriptor [dim]) pairs.
+
+        Descriptors are returned as computed; the caller sets aside any that are not finite.
+        """
+        while True:
+            batch = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
+            if not batch:
+                return []
+            start = time.monotonic()
+            try:
+                descriptors = self._encode(batch)
+            except Exception as exc:
+                self.queue.extendleft(reversed(batch))
+                if not _out_of_memory(exc) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                LOG.warning("encoder out of memory on %d clips; batch size now %d (%s)",
+                            len(batch), self.batch_size, exc)
+                continue
+            self.encode_seconds += time.monotonic() - start
+            self.encoded_clips += len(batch)
+            return [(c.tag, d) for c, d in zip(batch, descriptors)]
+
+    def _encode(self, batch: list[PendingClip]) -> np.ndarray:
+        self._faults.before_batch()
         descriptors = self.encoder.encode(np.stack([c.crops for c in batch]),
                                           np.stack([c.keypoints for c in batch]),
                                           np.full(len(batch), -1, dtype=np.int64))
-        self.encode_seconds += time.monotonic() - start
-        self.encoded_clips += len(batch)
-        return [(c.tag, d) for c, d in zip(batch, descriptors)]
+        return self._faults.after_batch(descriptors)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class _InjectedFaults:
+    """Faults a test asks for through `KEYREID_FAULT_ENCODER`, to exercise the recovery paths
+    on the real encoder in a real watcher process. Empty (and free) otherwise."""
+
+    out_of_memory: int = 0
+    not_finite: int = 0
+
+    @classmethod
+    def from_env(cls) -> _InjectedFaults:
+        spec = dict(part.split("=", 1) for part in os.environ.get(FAULT_ENV, "").split(",")
+                    if "=" in part)
+        return cls(int(spec.get("oom", 0)), int(spec.get("nan", 0)))
+
+    def before_batch(self) -> None:
+        if self.out_of_memory:
+            self.out_of_memory -= 1
+            import torch
+            raise torch.OutOfMemoryError("injected by KEYREID_FAULT_ENCODER")
+
+    def after_batch(self, descriptors: np.ndarray) -> np.ndarray:
+        count = min(self.not_finite, len(descriptors))
+        if count:
+            self.not_finite -= count
+            descriptors = descriptors.copy()
+            descriptors[:count, 0] = np.nan
+        return descriptors

@@ -21,7 +21,8 @@ Everything here is pure (numpy + scipy): the watcher keeps a `Linker` and stores
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -99,7 +100,7 @@ class Decision:
     allowed identity, if any, for the dashboard to explain why it was not joined."""
 
     key: int
-    identity_id: int
+    identity_id: int | None  # None only in a "new" decision not yet recorded
     kind: str
     distance: float | None
     candidate: int | None
@@ -108,21 +109,26 @@ class Decision:
 class Linker:
     """The in-memory identity gallery of one run.
 
-    `new_identity` is called to obtain the id of each new identity (e.g. a database insert);
-    by default ids count from 1.
+    `record` stores each decision before the linker's memory changes (e.g. a database write)
+    and returns the identity id the tracklet got: the new id for kind "new" (whose
+    `identity_id` is passed as None), possibly another one for "linked" (an identity an
+    operator merged meanwhile). If it raises, the tracklets not yet placed stay unplaced and
+    memory matches what was recorded. By default ids count from 1.
     """
 
     def __init__(self, threshold: float, time_window: float | None = None,
-                 new_identity=None) -> None:
+                 record: Callable[[Decision], int] | None = None) -> None:
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
         self.threshold = threshold
         self.time_window = time_window
         self.identities: dict[int, Identity] = {}
         self._counter = 0
-        self._new_identity = new_identity or self._next_id
+        self._record = record or self._count
 
-    def _next_id(self) -> int:
+    def _count(self, decision: Decision) -> int:
+        if decision.identity_id is not None:
+            return decision.identity_id
         self._counter += 1
         return self._counter
 
@@ -135,24 +141,44 @@ class Linker:
             distances = distance_matrix(remaining, candidates, self.time_window)
             placed = set()
             for row, col in assign(distances, self.threshold):
-                tracklet, identity = remaining[row], candidates[col]
-                identity.members.append(tracklet)
-                decisions.append(Decision(tracklet.key, identity.id, "linked",
-                                          float(distances[row, col]), None))
+                tracklet = remaining[row]
+                proposed = Decision(tracklet.key, candidates[col].id, "linked",
+                                    float(distances[row, col]), None)
+                decisions.append(self._place(tracklet, proposed))
                 placed.add(row)
             if not placed:
                 # Nobody could join anything: the earliest tracklet opens a new identity.
                 first = remaining[0]
                 best = int(np.argmin(distances[0])) if candidates else -1
                 near = best >= 0 and distances[0, best] < _FORBIDDEN
-                identity = Identity(self._new_identity(), [first])
-                self.identities[identity.id] = identity
-                decisions.append(Decision(first.key, identity.id, "new",
-                                          float(distances[0, best]) if near else None,
-                                          candidates[best].id if near else None))
+                proposed = Decision(first.key, None, "new",
+                                    float(distances[0, best]) if near else None,
+                                    candidates[best].id if near else None)
+                decisions.append(self._place(first, proposed))
                 placed.add(0)
             remaining = [t for i, t in enumerate(remaining) if i not in placed]
         return decisions
+
+    def _place(self, tracklet: TrackletSummary, proposed: Decision) -> Decision:
+        identity_id = self._record(proposed)
+        self.identities.setdefault(identity_id, Identity(identity_id)).members.append(tracklet)
+        return replace(proposed, identity_id=identity_id)
+
+    def merge(self, keep_id: int, merged_id: int) -> None:
+        """An operator merged `merged_id` into `keep_id`: its members now count for `keep_id`."""
+        merged = self.identities.pop(merged_id, None)
+        if merged is not None:
+            self.identities.setdefault(keep_id, Identity(keep_id)).members.extend(merged.members)
+
+    def split(self, key: int, new_id: int) -> None:
+        """An operator moved tracklet `key` out of its identity into the new `new_id`."""
+        for identity in list(self.identities.values()):
+            moved = [m for m in identity.members if m.key == key]
+            if moved:
+                identity.members = [m for m in identity.members if m.key != key]
+                if not identity.members:
+                    del self.identities[identity.id]
+                self.identities.setdefault(new_id, Identity(new_id)).members.extend(moved)
 
 
 def distance_matrix(tracklets: list[TrackletSummary], identities: list[Identity],

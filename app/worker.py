@@ -2,10 +2,18 @@
 
 Runs in its own process (spawn), so a camera that crashes, hangs on a stream or fails to
 decode affects no other camera, and each camera's tracker state and torch threads are its own.
-Everything it sends to the main process is a small picklable message on a bounded queue:
-`Ready`, `Output` (tracklet updates and clips of one frame, in order: a clip's tracklet is
-announced before or with it), `Status` (about once a second) and `Finished` (always last,
-with the reason when the camera failed).
+Everything it sends to the main process is a picklable message on a bounded queue: `Ready`,
+`Output` (tracklet updates and clips of one frame, in order: a clip's tracklet is announced
+before or with it), `Status` (every second from a heartbeat thread, so a camera waiting to
+reconnect still reports) and `Finished` (always last, with the reason when the camera failed).
+The main process reads each queue in a thread of its own, so a worker that dies half-way
+through a message can never block it.
+
+The main process owns shutdown: workers ignore SIGINT and SIGTERM (systemd signals the whole
+process group) and stop when the shared stop event is set, which also interrupts a source's
+reconnect backoff. Live sources are read through `LatestFrames` (processing always takes the
+newest frame); after an outage longer than `lost_after` frames every open track ends and the
+tracker starts afresh, so no track joins two people across the gap.
 
 Back-pressure (`QueueConfig.policy`): "block" waits for room (a file source simply slows);
 "drop_oldest" keeps a bounded local backlog and drops its oldest *clips* when it overflows
@@ -16,8 +24,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import struct
 import threading
 import time
 from collections import deque
@@ -25,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tracking.redact import log_with_redaction, redact
 from tracking.types import Clip, Detection, TrackletUpdate
 
 from .config import CameraConfig, ClipConfig, DetectorConfig, KeypointsConfig
@@ -32,11 +43,17 @@ from .config import CameraConfig, ClipConfig, DetectorConfig, KeypointsConfig
 LOG = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 1.0
 STAGES = ("decode", "detect_track", "keypoints", "crop", "send")
+HALF_SEND_FAULT_ENV = "KEYREID_FAULT_HALF_SEND"  # test hook: camera id that dies mid-message
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Everything a worker needs besides its camera (picklable, sent at spawn)."""
+    """Everything a worker needs besides its camera (picklable, sent at spawn).
+
+    `start_after`: skip source frames up to this index (a file camera resuming where an earlier
+    run stopped). `first_track_number`: tracklet numbers continue after this one (a restarted
+    worker must not reuse its predecessor's numbers).
+    """
 
     detector: DetectorConfig
     keypoints: KeypointsConfig
@@ -46,6 +63,9 @@ class WorkerSettings:
     realtime: bool = False
     max_frames: int | None = None
     log_level: int = logging.INFO
+    start_after: int | None = None
+    first_track_number: int = 0
+    open_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,15 +78,18 @@ class Ready:
 
 @dataclass(frozen=True)
 class Output:
-    """The results of one processed frame: tracklet updates first, then clips with their boxes."""
+    """The results of one processed frame: tracklet updates first, then its clips."""
 
     camera_id: str
     updates: list[TrackletUpdate]
-    clips: list[tuple[Clip, list[list[float]]]]
+    clips: list[Clip]
 
 
 @dataclass(frozen=True)
 class Status:
+    """A worker's heartbeat. `source_state`: "connecting", "streaming", "reconnecting" (with
+    `reason` and `attempt`) or "ended" (`tracking.SourceStats`)."""
+
     camera_id: str
     frames: int  # frames processed (detected) so far
     fps: float  # processed frames per wall second over the last interval
@@ -79,6 +102,13 @@ class Status:
     reconnects: int
     stages: dict[str, float]  # cumulative seconds per stage
     first_frame_at: float | None  # time.monotonic() of the first frame
+    source_state: str = "connecting"
+    reason: str | None = None
+    attempt: int = 0
+    skipped_frames: int = 0  # live frames replaced by newer ones before processing
+    last_frame_wall_time: float | None = None
+    last_track_number: int = 0
+    outages: int = 0  # outages after which the tracker was reset
 
 
 @dataclass(frozen=True)
@@ -91,40 +121,52 @@ class Finished:
 
 
 class _Outbox:
-    """The worker's side of its queue: ordered sending with the back-pressure policy."""
+    """The worker's side of its queue: ordered sending with the back-pressure policy.
 
-    def __init__(self, out: multiprocessing.Queue, policy: str, pending_clips: int) -> None:
+    Thread-safe: the heartbeat thread sends `Status` while the frame loop sends `Output`.
+    `half_send_fault` (tests only) makes the worker die half-way through writing its first
+    clip message, as a SIGKILL at the worst moment would.
+    """
+
+    def __init__(self, out: multiprocessing.Queue, policy: str, pending_clips: int,
+                 half_send_fault: bool = False) -> None:
         self.out = out
         self.policy = policy
         self.pending: deque = deque()
         self.pending_clip_count = 0
         self.limit = pending_clips
         self.dropped = 0
+        self.half_send_fault = half_send_fault
+        self._lock = threading.RLock()
 
     def send(self, message, *, force: bool = False) -> None:
         """Queue a message; `force` waits for room whatever the policy (used for the last one)."""
-        self.pending.append(message)
-        if isinstance(message, Output):
-            self.pending_clip_count += len(message.clips)
-        self.flush(block=self.policy == "block" or force)
-        if self.policy == "drop_oldest":
-            self._drop_excess()
+        if self.half_send_fault and isinstance(message, Output) and message.clips:
+            self._die_half_way_through(message)
+        with self._lock:
+            self.pending.append(message)
+            if isinstance(message, Output):
+                self.pending_clip_count += len(message.clips)
+            self.flush(block=self.policy == "block" or force)
+            if self.policy == "drop_oldest":
+                self._drop_excess()
 
     def flush(self, block: bool) -> None:
-        while self.pending:
-            message = self.pending[0]
-            try:
-                if block:
-                    self.out.put(message, timeout=0.5)
-                else:
-                    self.out.put_nowait(message)
-            except queue.Full:
-                if not block:
-                    return
-                continue
-            self.pending.popleft()
-            if isinstance(message, Output):
-                self.pending_clip_count -= len(message.clips)
+        with self._lock:
+            while self.pending:
+                message = self.pending[0]
+                try:
+                    if block:
+                        self.out.put(message, timeout=0.5)
+                    else:
+                        self.out.put_nowait(message)
+                except queue.Full:
+                    if not block:
+                        return
+                    continue
+                self.pending.popleft()
+                if isinstance(message, Output):
+                    self.pending_clip_count -= len(message.clips)
 
     def _drop_excess(self) -> None:
         for index, message in enumerate(self.pending):
@@ -134,6 +176,20 @@ class _Outbox:
                 self.dropped += len(message.clips)
                 self.pending_clip_count -= len(message.clips)
                 self.pending[index] = Output(message.camera_id, message.updates, [])
+
+    def _die_half_way_through(self, message: Output) -> None:
+        """Write the length header and half of `message` into the queue's pipe, then SIGKILL.
+
+        The queue's write lock is held, so no earlier message is cut: exactly one message is
+        left half-written, with nothing after it, like a worker killed while sending.
+        """
+        payload = pickle.dumps(message)
+        self.out.put(Status(message.camera_id, 0, 0.0, 0.0, None, None, 0, 0, 0, 0, {}, None))
+        time.sleep(0.5)  # let the feeder thread deliver what is queued
+        with self.out._wlock:  # noqa: SLF001 - the test hook must bypass the feeder thread
+            os.write(self.out._writer.fileno(),  # noqa: SLF001
+                     struct.pack("!i", len(payload)) + payload[: len(payload) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _exit_with_parent(interval: float = 0.5) -> None:
@@ -162,11 +218,12 @@ class _TrackletIds:
     A tracker may report an id again after `TrackletBuffer` has ended that track (its
     `lost_after` is shorter than the tracker's memory, or the source reconnected); that is a
     new tracklet, so it gets a new number and stored track ids stay unique per camera and run.
+    Numbering starts after `start` (a restarted worker continues its predecessor's numbers).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: int = 0) -> None:
         self.current: dict[int, int] = {}
-        self.count = 0
+        self.count = start
 
     def relabel(self, detections: list[Detection]) -> list[Detection]:
         out = []
@@ -183,43 +240,29 @@ class _TrackletIds:
         if finished:
             self.current = {t: n for t, n in self.current.items() if n not in finished}
 
-
-class _BoxHistory:
-    """Recent boxes per track, so each stored clip can carry its boxes (for re-cropping)."""
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.boxes: dict[int, deque] = {}
-
-    def add(self, frame_index: int, detections: list[Detection]) -> None:
-        for d in detections:
-            self.boxes.setdefault(d.track_id, deque(maxlen=self.keep)).append(
-                (frame_index, [float(v) for v in d.box]))
-
-    def for_clip(self, clip: Clip) -> list[list[float]]:
-        known = dict(self.boxes.get(clip.track_id, ()))
-        if clip.final:
-            self.boxes.pop(clip.track_id, None)
-        return [known.get(i, [0.0, 0.0, 0.0, 0.0]) for i in clip.frame_indices]
+    def reset(self) -> None:
+        """The tracker starts afresh: its ids from now on are new tracks."""
+        self.current = {}
 
 
 def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiprocessing.Queue,
                 stop: multiprocessing.synchronize.Event) -> None:
     """Process entry point: run one camera until its source ends, it fails, or `stop` is set."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the main process decides when to stop
+        signal.signal(signum, signal.SIG_IGN)
     _exit_with_parent()
-    logging.basicConfig(level=settings.log_level,
-                        format=f"%(asctime)s %(levelname)s [camera {camera.id}] %(message)s")
-    outbox = _Outbox(out, settings.policy, settings.pending_clips)
+    log_with_redaction(settings.log_level,
+                       f"%(asctime)s %(levelname)s [camera {camera.id}] %(message)s")
+    outbox = _Outbox(out, settings.policy, settings.pending_clips,
+                     half_send_fault=os.environ.get(HALF_SEND_FAULT_ENV) == camera.id)
     status: Status | None = None
     try:
         state = _CameraRun(camera, settings, outbox, stop)
-        status = state.status
         outcome, reason = state.run()
         status = state.status
     except Exception as exc:  # noqa: BLE001 - any failure ends this camera alone, with its reason
         LOG.exception("camera %s failed", camera.id)
-        outcome, reason = "failed", f"{type(exc).__name__}: {exc}"
+        outcome, reason = "failed", redact(f"{type(exc).__name__}: {exc}")
     outbox.send(Finished(camera.id, outcome, reason, status), force=True)
 
 
@@ -230,7 +273,7 @@ class _CameraRun:
                  stop) -> None:
         from tracking.detector import PoseTracker
         from tracking.keypoints import select_keypoint_backend
-        from tracking.sources import VideoSource
+        from tracking.sources import LatestFrames, VideoSource
         from tracking.tracklets import TrackletBuffer
 
         self.camera = camera
@@ -238,9 +281,12 @@ class _CameraRun:
         self.outbox = outbox
         self.stop = stop
         det = settings.detector
-        self.source = VideoSource(camera.source, crop=camera.crop, stride=camera.stride,
-                                  max_fps=camera.max_fps, realtime=settings.realtime,
-                                  live=camera.live, name=camera.id)
+        source = VideoSource(camera.source, crop=camera.crop, stride=camera.stride,
+                             max_fps=camera.max_fps, realtime=settings.realtime,
+                             live=camera.live, name=camera.id,
+                             open_timeout=settings.open_timeout,
+                             read_timeout=settings.open_timeout)
+        self.source = LatestFrames(source) if source.live else source
         self.tracker = PoseTracker(det.weights, imgsz=det.imgsz, conf=det.conf, iou=det.iou,
                                    tracker=det.tracker, device=det.device,
                                    threads=det.threads, runtime=det.runtime)
@@ -255,16 +301,20 @@ class _CameraRun:
                                      overlap=clips.overlap, lost_after=clips.lost_after,
                                      clip_size=clips.size, crop_margin=clips.crop_margin,
                                      min_box_height=clips.min_box_height)
-        self.boxes = _BoxHistory(keep=clips.window * 2 + clips.lost_after)
-        self.ids = _TrackletIds()
+        # An outage longer than `lost_after` processed frames ends every track.
+        self.outage_limit = clips.lost_after / (camera.max_fps or 10.0)
+        self.ids = _TrackletIds(settings.first_track_number)
         self.announced: set[int] = set()  # tracks whose tracklet the main process knows
         self.stages = dict.fromkeys(STAGES, 0.0)
         self.frames = 0
         self.clips = 0
+        self.outages = 0
         self.first_frame_at: float | None = None
         self.first_time: float | None = None
         self.last_index: int | None = None
         self.last_time: float | None = None
+        self.last_wall: float | None = None
+        self.last_connection = 0
         self._interval_start = time.monotonic()
         self._interval_frames = 0
         self._fps = 0.0
@@ -273,15 +323,37 @@ class _CameraRun:
     @property
     def status(self) -> Status:
         video = (self.last_time - self.first_time) if self.first_time is not None else 0.0
+        stats = self.source.stats
         return Status(self.camera.id, self.frames, self._fps, video, self.last_index,
                       self.last_time, self.buffer.active_tracks, self.clips, self.outbox.dropped,
-                      self.source.stats.reconnects, dict(self.stages), self.first_frame_at)
+                      stats.reconnects, dict(self.stages), self.first_frame_at,
+                      source_state=stats.state,
+                      reason=stats.last_error if stats.state == "reconnecting" else None,
+                      attempt=stats.attempt, skipped_frames=getattr(self.source, "skipped", 0),
+                      last_frame_wall_time=self.last_wall, last_track_number=self.ids.count,
+                      outages=self.outages)
+
+    def _heartbeat(self, done: threading.Event) -> None:
+        """Report status every second, whatever the frame loop is waiting for; relay a stop to
+        the source, which ends its reconnect backoff or frame wait at once."""
+        while not done.wait(STATUS_INTERVAL_S):
+            now = time.monotonic()
+            self._fps = self._interval_frames / (now - self._interval_start)
+            self._interval_start, self._interval_frames = now, 0
+            if self.stop.is_set():
+                self.source.stop()
+            self.outbox.send(self.status)
 
     def run(self) -> tuple[str, str | None]:
         from tracking.sources import SourceError
 
+        done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(done,), name="heartbeat",
+                                     daemon=True)
+        heartbeat.start()
         frames = iter(self.source)
         max_frames = self.settings.max_frames
+        start_after = self.settings.start_after
         try:
             while not self.stop.is_set():
                 t0 = time.monotonic()
@@ -289,17 +361,34 @@ class _CameraRun:
                 t1 = time.monotonic()
                 if frame is None or (max_frames is not None and frame.index >= max_frames):
                     break
+                if start_after is not None and frame.index <= start_after:
+                    continue
                 if self.first_frame_at is None:
                     self.first_frame_at, self.first_time = t0, frame.time
                 self.stages["decode"] += t1 - t0
+                self._end_tracks_after_outage(frame)
                 self._process(frame, t1)
         except SourceError as exc:
             self._finish_tracks()
             return "failed", str(exc)
         finally:
+            done.set()
             self.source.stop()
         self._finish_tracks()
         return ("stopped" if self.stop.is_set() else "finished"), None
+
+    def _end_tracks_after_outage(self, frame) -> None:
+        if frame.connection == self.last_connection:
+            return
+        gap = frame.wall_time - self.last_wall if self.last_wall is not None else 0.0
+        self.last_connection = frame.connection
+        if self.last_wall is not None and gap > self.outage_limit:
+            LOG.warning("camera %s was down for %.1f s: its %d open track(s) end and the "
+                        "tracker starts afresh", self.camera.id, gap, self.buffer.active_tracks)
+            self.outages += 1
+            self._finish_tracks()
+            self.tracker.reset()
+            self.ids.reset()
 
     def _process(self, frame, t1: float) -> None:
         detections = self.ids.relabel(self.tracker.update(frame.image))
@@ -309,20 +398,15 @@ class _CameraRun:
             detections = [Detection(d.box, d.score, d.track_id, k)
                           for d, k in zip(detections, estimated)]
         t3 = time.monotonic()
-        self.boxes.add(frame.index, detections)
         clips = self.buffer.update(frame, detections)
         updates = self.buffer.pop_tracklet_updates()
         self.ids.ended(updates)
         t4 = time.monotonic()
         self.frames += 1
         self._interval_frames += 1
-        self.last_index, self.last_time = frame.index, frame.time
+        self.last_index, self.last_time, self.last_wall = frame.index, frame.time, frame.wall_time
         self._emit(clips, updates)
-        if t4 - self._interval_start >= STATUS_INTERVAL_S:
-            self._fps = self._interval_frames / (t4 - self._interval_start)
-            self._interval_start, self._interval_frames = t4, 0
-            self.outbox.send(self.status)
-        elif self.outbox.pending and self.outbox.policy == "drop_oldest":
+        if self.outbox.pending and self.outbox.policy == "drop_oldest":
             self.outbox.flush(block=False)
         t5 = time.monotonic()
         self.stages["detect_track"] += t2 - t1
@@ -331,9 +415,10 @@ class _CameraRun:
         self.stages["send"] += t5 - t4
 
     def _finish_tracks(self) -> None:
-        """End every track (source ended, failed or stopped): their final clips are sent."""
+        """End every track (source ended, failed, stopped, or an outage): final clips are sent."""
         clips = self.buffer.flush()
         updates = self.buffer.pop_tracklet_updates()
+        self.ids.ended(updates)
         self._emit(clips, updates, force=True)
 
     def _emit(self, clips: list[Clip], updates: list[TrackletUpdate], force: bool = False) -> None:
@@ -341,19 +426,13 @@ class _CameraRun:
         frames (short track tails, brief false detections): each clip costs an encoder pass.
         A track that never had a clip of its own is then not stored at all."""
         minimum = self.settings.clips.min_frames
-        kept = []
-        for clip in clips:
-            if clip.final and len(set(clip.frame_indices)) < minimum:
-                self.boxes.for_clip(clip)  # forget its boxes
-                continue
-            kept.append(clip)
-            self.announced.add(clip.track_id)
+        kept = [c for c in clips if not (c.final and len(set(c.frame_indices)) < minimum)]
+        self.announced.update(c.track_id for c in kept)
         updates = [u for u in updates if u.track_id in self.announced]
         self.announced -= {u.track_id for u in updates if u.ended}
         if kept or updates:
             self.clips += len(kept)
-            self.outbox.send(Output(self.camera.id, updates,
-                                    [(c, self.boxes.for_clip(c)) for c in kept]), force=force)
+            self.outbox.send(Output(self.camera.id, updates, kept), force=force)
 
 
 def thumbnail_jpeg(image: np.ndarray | None, quality: int = 85) -> bytes | None:

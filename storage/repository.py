@@ -614,6 +614,11 @@ class Repository:
                 for d in s.scalars(query)
             ]
 
+    def last_decision_id(self) -> int:
+        """The newest decision's id (0 when none): where a linker starts watching for changes."""
+        with self._read() as s:
+            return s.scalar(select(func.max(LinkDecision.id))) or 0
+
     def _identity_records(self, s: Session, identities: list[Identity]) -> list[IdentityRecord]:
         ids = [i.id for i in identities]
         summary = {

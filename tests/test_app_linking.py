@@ -108,3 +108,39 @@ def test_assign_respects_the_threshold():
     assert assign(distances, threshold=0.5) == [(0, 0), (1, 1)]
     assert assign(distances, threshold=0.15) == [(0, 0)]
     assert assign(np.zeros((0, 3)), threshold=1.0) == []
+
+
+def test_a_failing_record_leaves_memory_as_recorded_and_the_rest_unplaced():
+    people = _people(3)
+    recorded = []
+
+    def record(decision):
+        if len(recorded) == 2:
+            raise RuntimeError("database or disk is full")
+        recorded.append(decision)
+        return decision.identity_id or 100 + len(recorded)
+
+    linker = Linker(threshold=0.8, record=record)
+    tracklets = [_tracklet(k, "a", k, k + 0.5, people[k]) for k in range(3)]
+    with pytest.raises(RuntimeError, match="disk is full"):
+        linker.link(tracklets)
+    assert [d.key for d in recorded] == [0, 1]
+    assert sorted(linker.identities) == [101, 102]
+    assert [m.key for i in linker.identities.values() for m in i.members] == [0, 1]
+    (decision,) = Linker(threshold=0.8, record=lambda d: 7).link([tracklets[2]])
+    assert (decision.kind, decision.identity_id) == ("new", 7)
+
+
+def test_operator_merges_and_splits_are_respected_by_later_links():
+    people = _people(2)
+    linker = Linker(threshold=0.8)
+    a0, a1 = _tracklet(1, "a", 0, 5, people[0]), _tracklet(2, "a", 10, 15, people[1])
+    first = {d.key: d.identity_id for d in linker.link([a0, a1])}
+    linker.merge(first[1], first[2])  # the operator says: one person after all
+    assert list(linker.identities) == [first[1]]
+    assert {m.key for m in linker.identities[first[1]].members} == {1, 2}
+    linker.split(2, new_id=50)  # ... and then changes their mind
+    assert {m.key for m in linker.identities[first[1]].members} == {1}
+    assert [m.key for m in linker.identities[50].members] == [2]
+    (later,) = linker.link([_tracklet(3, "b", 20, 25, people[1])])
+    assert (later.kind, later.identity_id) == ("linked", 50)

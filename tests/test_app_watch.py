@@ -166,9 +166,11 @@ def test_broken_cameras_fail_alone_while_the_good_one_finishes(tmp_path, weights
     assert "camera noise FAILED" in log
     assert "camera cut FAILED" in log and "truncated" in log
     with open_repository(f"sqlite:///{tmp_path / 'watch.db'}", readonly=True) as repo:
-        status = {c.id: c.status for c in repo.list_cameras()}
-        assert status["good"] == "finished"
-        assert all(status[c].startswith("failed: ") for c in ("missing", "noise", "cut"))
+        cameras = {c.id: c for c in repo.list_cameras()}
+        assert cameras["good"].status == "finished"
+        for camera_id in ("missing", "noise", "cut"):
+            assert cameras[camera_id].status == "failed" and cameras[camera_id].status_reason
+        assert "file not found" in cameras["missing"].status_reason
         assert repo.count_tracklets(camera_ids=["good"]) >= 2
         assert repo.list_runs()[-1].status.startswith("failed cameras:")
 

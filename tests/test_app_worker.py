@@ -51,13 +51,13 @@ def _drain(outbox: _Outbox, out: queue.Queue) -> list:
 
 def test_drop_oldest_drops_only_clips_and_counts_them():
     outbox, out = _outbox("drop_oldest", size=1, pending=2)
-    outbox.send(Output("cam", [_update(1, False)], [(_clip(1, 0), [])]))  # fits in the queue
+    outbox.send(Output("cam", [_update(1, False)], [_clip(1, 0)]))  # fits in the queue
     for start in (4, 8, 12, 16):
-        outbox.send(Output("cam", [], [(_clip(1, start), [])]))
-    outbox.send(Output("cam", [_update(1, True)], [(_clip(1, 20), [])]))
+        outbox.send(Output("cam", [], [_clip(1, start)]))
+    outbox.send(Output("cam", [_update(1, True)], [_clip(1, 20)]))
     assert outbox.dropped == 3  # 5 clips waited locally, 2 may wait: the 3 oldest went
     messages = _drain(outbox, out)
-    clips = [c.frame_indices[0] for m in messages for c, _ in m.clips]
+    clips = [c.frame_indices[0] for m in messages for c in m.clips]
     updates = [(u.track_id, u.ended) for m in messages for u in m.updates]
     assert clips == [0, 16, 20]
     assert updates == [(1, False), (1, True)]  # tracklet updates are never dropped
@@ -66,7 +66,14 @@ def test_drop_oldest_drops_only_clips_and_counts_them():
 def test_block_policy_loses_nothing():
     outbox, out = _outbox("block", size=8, pending=1)
     for start in range(0, 20, 4):
-        outbox.send(Output("cam", [], [(_clip(1, start), [])]))
+        outbox.send(Output("cam", [], [_clip(1, start)]))
     outbox.send(Status("cam", 1, 1.0, 0.1, 0, 0.0, 1, 5, 0, 0, {}, None))
     messages = _drain(outbox, out)
     assert outbox.dropped == 0 and len(messages) == 6 and isinstance(messages[-1], Status)
+
+
+def test_a_restarted_worker_continues_numbering_and_a_reset_starts_new_tracklets():
+    ids = _TrackletIds(start=41)
+    assert [d.track_id for d in ids.relabel([_detection(1), _detection(2)])] == [42, 43]
+    ids.reset()  # after an outage the tracker's id 1 is somebody new
+    assert [d.track_id for d in ids.relabel([_detection(1)])] == [44]

@@ -7,6 +7,7 @@ host, path and user name stay readable for the operator.
 """
 from __future__ import annotations
 
+import logging
 import re
 
 MASK = "***"
@@ -35,3 +36,22 @@ def redact_value(value):
     if isinstance(value, (list, tuple)):
         return type(value)(redact_value(item) for item in value)
     return value
+
+
+class RedactingFilter(logging.Filter):
+    """A log handler filter that redacts each record's final message (arguments included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = redact(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True
+
+
+def log_with_redaction(level: int | str, fmt: str) -> None:
+    """`logging.basicConfig` whose handlers hide credentials in every record."""
+    logging.basicConfig(level=level, format=fmt)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

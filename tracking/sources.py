@@ -25,7 +25,7 @@ from .types import VideoFrame
 LOG = logging.getLogger(__name__)
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "udp", "rtp", "srt", "tcp")
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "udp", "rtp", "srt", "tcp")
 _DEFAULT_FPS = 25.0  # only used when a stream has neither timestamps nor a frame rate
 
 
@@ -145,7 +145,7 @@ class VideoSource:
         self.realtime = realtime
         if live is None:
             scheme = self._target.url.split("://", 1)[0].lower() if self.kind == "url" else ""
-            live = self.kind == "webcam" or scheme in _LIVE_SCHEMES
+            live = self.kind == "webcam" or scheme in LIVE_SCHEMES
         self.live = live
         self.reconnect = reconnect if self.kind != "file" else None
         self.open_timeout = open_timeout
