@@ -194,6 +194,7 @@ def load_ilidsvid(root: str | Path, split: int = 0, keypoints: str | None = None
         query=attach_keypoints(_ilidsvid_records(root, test_dirs, (1,)), root, keypoints),
         gallery=attach_keypoints(_ilidsvid_records(root, test_dirs, (2,)), root, keypoints),
         num_cameras=2,
+        query_camera=0,
     )
 
 

@@ -5,6 +5,14 @@ descriptors (`model.descriptor`) are averaged per tracklet, query x gallery Eucl
 distances are ranked by `training.metrics.evaluate_ranking` (same-identity same-camera gallery
 entries removed, queries without a valid match skipped, ties broken by gallery index).
 
+Protocols (`--protocol`, DESIGN.md §8): `community` (default; torchreid / the paper's code:
+MARS gallery = the 9,330 test tracklets that are not queries, non-interpolated "step" AP) or
+`official` (MARS's MATLAB evaluation: all 12,180 test tracklets as gallery, the query itself
+removed as same-id same-camera junk, and its interpolated AP, `metrics` "trapezoid"). iLIDS-VID
+has one protocol (cam1 queries vs cam2 gallery); `official` only changes its AP. Every report
+names the protocol and the AP it used. Descriptors computed under autocast (bf16 / fp16) are
+checked against fp32 on a sample of queries (`precision_check`: worst relative difference).
+
 iLIDS-VID has ten official splits and a model trained on one split has seen half of the other
 splits' test people, so the ten-split figure needs ten checkpoints: pass a path with a
 `{split}` placeholder (e.g. `runs/ilids-split{split}/best.pt`); a single checkpoint is only
@@ -20,7 +28,7 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +40,21 @@ from tqdm import tqdm
 from reid.checkpoints import load_model
 from reid.model import KeyReID
 from training.datasets import build_dataset
-from training.metrics import evaluate_ranking, mean_per_tracklet
+from training.metrics import AP_MODES, evaluate_ranking, mean_per_tracklet
 from training.records import KEYPOINT_BACKENDS, Dataset, TrackletRecord
-from training.transforms import ClipDataset, collate_clips
+from training.transforms import ClipDataset, collate_clips, limit_worker_threads
 
 log = logging.getLogger(__name__)
 
 CMC_RANKS: tuple[int, ...] = (1, 5, 10, 20)
 ILIDSVID_NUM_SPLITS = 10
 _REAL_KEYPOINT_PREFERENCE: tuple[str, ...] = ("pifpaf", "yolo-pose", "watcher")
+# protocol -> (MARS gallery mode, AP definition of training.metrics)
+PROTOCOLS: dict[str, tuple[str, str]] = {"community": ("community", "step"), "official": ("all", "trapezoid")}
+AP_NAMES: dict[str, str] = {"step": "non-interpolated AP (torchreid)",
+                            "trapezoid": "interpolated AP (MARS/Market MATLAB compute_AP.m)"}
+assert set(AP_NAMES) == set(AP_MODES)
+PRECISION_SAMPLE = 16  # query tracklets re-encoded in fp32 to check autocast descriptors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +66,8 @@ class Scores:
     num_query: int
     num_gallery: int
     num_skipped_queries: int
+    ap_mode: str = "step"
+    precision_check: float | None = None  # worst relative |autocast - fp32| descriptor difference
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         """Flat `{prefix}mAP`, `{prefix}R1`, ... in percent, for CSV rows and JSON."""
@@ -88,6 +104,21 @@ def default_keypoints(dataset: str, root: str | Path, requested: str | None = No
     return None
 
 
+def protocol_options(dataset: str, protocol: str, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """(dataset options with the protocol's MARS gallery, AP mode) for `protocol`; an explicit
+    `gallery=` option that contradicts the protocol is an error (one source of truth)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} not in {sorted(PROTOCOLS)}")
+    gallery, ap_mode = PROTOCOLS[protocol]
+    options = dict(options or {})
+    mars_layout = dataset == "mars" or (dataset == "synthetic" and options.get("layout", "mars") == "mars")
+    if mars_layout:
+        if options.setdefault("gallery", gallery) != gallery:
+            raise ValueError(f"--protocol {protocol} uses gallery={gallery}, but the dataset options ask for "
+                             f"gallery={options['gallery']}: drop gallery= and choose with --protocol")
+    return options, ap_mode
+
+
 def load_dataset(dataset: str, root: str | Path, keypoints: str | None, split: int | None = None,
                  options: dict[str, Any] | None = None) -> Dataset:
     """`training.datasets.build_dataset` with the split and keypoint backend wired in."""
@@ -118,13 +149,15 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 @torch.inference_mode()
 def extract_descriptors(model: KeyReID, records: Sequence[TrackletRecord], device: torch.device,
                         batch_size: int = 64, workers: int = 0, amp_dtype: torch.dtype | None = None,
-                        progress: bool = True, desc: str = "features") -> np.ndarray:
+                        progress: bool = True, desc: str = "features",
+                        frames: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
     """One float32 descriptor per tracklet `[len(records), dim]`: the mean over all its
-    consecutive T-frame clips."""
+    consecutive T-frame clips (`frames` reads a frame, see ClipDataset)."""
     config = model.config
-    clips = ClipDataset(records, mode="test", T=config.num_frames, size=config.img_size)
+    clips = ClipDataset(records, mode="test", T=config.num_frames, size=config.img_size, frames=frames)
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate_clips, pin_memory=device.type == "cuda")
+                                         collate_fn=collate_clips, pin_memory=device.type == "cuda",
+                                         worker_init_fn=limit_worker_threads if workers > 0 else None)
     was_training = model.training
     model.eval()
     features, owners = [], []
@@ -151,20 +184,31 @@ def euclidean_distances(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 
 def evaluate_model(model: KeyReID, dataset: Dataset, device: torch.device, batch_size: int = 64,
                    workers: int = 0, amp_dtype: torch.dtype | None = None, progress: bool = True,
-                   label: str = "") -> Scores:
-    """Scores of `model` on `dataset.query` vs `dataset.gallery`."""
+                   label: str = "", ap_mode: str = "step",
+                   frames: Callable[[str], np.ndarray] | None = None) -> Scores:
+    """Scores of `model` on `dataset.query` vs `dataset.gallery` (AP per `ap_mode`)."""
     query = extract_descriptors(model, dataset.query, device, batch_size, workers, amp_dtype, progress,
-                                desc=f"{label} query".strip())
+                                desc=f"{label} query".strip(), frames=frames)
+    precision_check = None
+    if amp_dtype is not None:
+        sample = dataset.query[:PRECISION_SAMPLE]
+        exact = extract_descriptors(model, sample, device, batch_size, workers, None, False, frames=frames)
+        difference = np.linalg.norm(query[:len(sample)] - exact, axis=1) / np.maximum(np.linalg.norm(exact, axis=1), 1e-12)
+        precision_check = float(difference.max())
+        if precision_check > 1e-2:
+            log.warning("%s descriptors differ from fp32 by up to %.2g (relative) on %d queries: consider --amp off",
+                        amp_dtype, precision_check, len(sample))
     gallery = extract_descriptors(model, dataset.gallery, device, batch_size, workers, amp_dtype, progress,
-                                  desc=f"{label} gallery".strip())
+                                  desc=f"{label} gallery".strip(), frames=frames)
     ranking = evaluate_ranking(
         euclidean_distances(query, gallery),
         np.array([r.pid for r in dataset.query]), np.array([r.pid for r in dataset.gallery]),
         np.array([r.camid for r in dataset.query]), np.array([r.camid for r in dataset.gallery]),
-        max_rank=max(CMC_RANKS))
+        max_rank=max(CMC_RANKS), ap_mode=ap_mode)
     return Scores(mAP=ranking.mAP, cmc={rank: float(ranking.cmc[rank - 1]) for rank in CMC_RANKS},
                   num_query=len(dataset.query), num_gallery=len(dataset.gallery),
-                  num_skipped_queries=ranking.num_skipped_queries)
+                  num_skipped_queries=ranking.num_skipped_queries, ap_mode=ap_mode,
+                  precision_check=precision_check)
 
 
 def _checkpoint_splits(checkpoint: str, dataset: str, split: int | None) -> list[tuple[int | None, Path]]:
@@ -197,11 +241,12 @@ def _training_info(path: Path) -> dict[str, Any]:
 def evaluate_checkpoints(checkpoint: str, dataset: str, root: str | Path, split: int | None = None,
                          keypoints: str | None = None, device: str = "auto", batch_size: int = 64,
                          workers: int = 0, amp: str = "auto", progress: bool = True,
-                         dataset_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                         dataset_options: dict[str, Any] | None = None, protocol: str = "community") -> dict[str, Any]:
     """Evaluate one checkpoint (or one per iLIDS-VID split) and summarise: per split scores and,
-    over several splits, mean and std of every figure (percent)."""
+    over several splits, mean and std of every figure (percent), with the protocol and AP used."""
     torch_device = resolve_device(device)
     amp_dtype = autocast_dtype(torch_device, amp)
+    dataset_options, ap_mode = protocol_options(dataset, protocol, dataset_options)
     per_split: list[dict[str, Any]] = []
     for split_index, path in _checkpoint_splits(checkpoint, dataset, split):
         model, payload = load_model(path)
@@ -213,20 +258,23 @@ def evaluate_checkpoints(checkpoint: str, dataset: str, root: str | Path, split:
         data = load_dataset(dataset, root, backend, split_index, dataset_options)
         model.to(torch_device)
         scores = evaluate_model(model, data, torch_device, batch_size, workers, amp_dtype, progress,
-                                label=f"split {split_index}" if split_index is not None else "test")
+                                label=f"split {split_index}" if split_index is not None else "test", ap_mode=ap_mode)
         per_split.append({"split": split_index, "checkpoint": str(path), **scores.as_dict(),
                           "num_query": scores.num_query, "num_gallery": scores.num_gallery,
-                          "skipped_queries": scores.num_skipped_queries})
+                          "skipped_queries": scores.num_skipped_queries, "precision_check": scores.precision_check})
     figures = ["mAP"] + [f"R{rank}" for rank in CMC_RANKS]
     summary = {name: {"mean": float(np.mean([s[name] for s in per_split])),
                       "std": float(np.std([s[name] for s in per_split]))} for name in figures}
-    return {"dataset": dataset, "splits": per_split, "summary": summary}
+    return {"dataset": dataset, "protocol": protocol, "ap": f"{ap_mode}: {AP_NAMES[ap_mode]}",
+            "precision": "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+            "splits": per_split, "summary": summary}
 
 
 def format_report(result: dict[str, Any]) -> str:
     """A small plain-text table: one row per split, plus mean ± std when there are several."""
     figures = ["mAP"] + [f"R{rank}" for rank in CMC_RANKS]
-    lines = [f"{'split':>6s} " + " ".join(f"{f:>8s}" for f in figures) + "  queries (skipped) / gallery"]
+    lines = [f"protocol {result['protocol']}, {result['ap']}, {result['precision']} descriptors",
+             f"{'split':>6s} " + " ".join(f"{f:>8s}" for f in figures) + "  queries (skipped) / gallery"]
     for row in result["splits"]:
         name = "-" if row["split"] is None else str(row["split"])
         lines.append(f"{name:>6s} " + " ".join(f"{row[f]:8.2f}" for f in figures)
@@ -265,13 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
+    parser.add_argument("--protocol", default="community", choices=sorted(PROTOCOLS),
+                        help="community (torchreid gallery, step AP) or official (MARS: all 12,180 test "
+                             "tracklets as gallery, interpolated AP); see the module docstring")
     parser.add_argument("--dataset-opt", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dataset options, e.g. gallery=all (MARS official protocol)")
+                        help="dataset options, e.g. the synthetic generator's num_ids=16")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = evaluate_checkpoints(args.checkpoint, args.dataset, args.root, args.split, args.keypoints,
-                                  args.device, args.batch_size, args.workers, args.amp,
+                                  args.device, args.batch_size, args.workers, args.amp, protocol=args.protocol,
                                   dataset_options=parse_key_values(args.dataset_opt))
     print(format_report(result))
     if args.json:

@@ -64,6 +64,7 @@ class Dataset:
     query: list[TrackletRecord]
     gallery: list[TrackletRecord]
     num_cameras: int
+    query_camera: int | None = None  # the camera queries come from (iLIDS-VID: cam1), None: any
 
     @property
     def num_train_pids(self) -> int:
@@ -82,31 +83,48 @@ class Dataset:
 
     def validation_split(self, fraction: float = 0.1, seed: int = 0) -> "Dataset":
         """Hold out `fraction` of the TRAINING identities as a validation query/gallery for model
-        selection (the test set is never looked at). For each held-out identity one tracklet per
-        camera becomes a query and the rest go to the gallery, so every query whose identity was
-        seen by another camera has a valid match. The remaining training ids are relabelled."""
+        selection (the test set is never looked at); the remaining ids are relabelled 0..N-1.
+
+        The protocol mirrors the benchmarks' test protocols: per held-out identity ONE tracklet
+        from one camera is the query (the dataset's `query_camera` when it has one, iLIDS-VID's
+        cam1; otherwise a camera drawn at random) and all its other tracklets go to the gallery.
+        Only identities seen by at least two cameras (one of them the query camera) are held
+        out, so every query has a valid match (same id, another camera): checked. `seed` is the
+        split seed (`--split-seed`), separate from the training seed."""
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
         pids = sorted({r.pid for r in self.train})
+        cameras_of: dict[int, set[int]] = defaultdict(set)
+        for record in self.train:
+            cameras_of[record.pid].add(record.camid)
+        eligible = [pid for pid in pids if len(cameras_of[pid]) > 1
+                    and (self.query_camera is None or self.query_camera in cameras_of[pid])]
         num_val = max(1, int(round(len(pids) * fraction)))
-        if num_val >= len(pids):
-            raise ValueError(f"{self.name}: {len(pids)} training ids are too few to hold out {num_val}")
+        if num_val >= len(pids) or num_val > len(eligible):
+            raise ValueError(f"{self.name}: cannot hold out {num_val} of {len(pids)} training ids for validation "
+                             f"({len(eligible)} are seen by two cameras{'' if self.query_camera is None else ' including the query camera'})")
         rng = np.random.default_rng(seed)
-        held_out = set(rng.choice(pids, size=num_val, replace=False).tolist())
-        by_pid_cam: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, record in enumerate(self.train):
-            if record.pid in held_out:
-                by_pid_cam[(record.pid, record.camid)].append(index)
-        cameras_of: dict[int, int] = defaultdict(int)
-        for pid, _ in by_pid_cam:
-            cameras_of[pid] += 1
-        # An identity seen by one camera only can never be matched: keep it as a gallery distractor.
-        query_indices = {int(rng.choice(indices)) for (pid, _), indices in sorted(by_pid_cam.items())
-                         if cameras_of[pid] > 1}
+        held_out = sorted(rng.choice(eligible, size=num_val, replace=False).tolist())
         query, gallery = [], []
-        for _, indices in sorted(by_pid_cam.items()):
-            for index in indices:
-                (query if index in query_indices else gallery).append(self.train[index])
-        train = relabel([r for r in self.train if r.pid not in held_out])
+        for pid in held_out:
+            indices = [i for i, r in enumerate(self.train) if r.pid == pid]
+            camera = self.query_camera if self.query_camera is not None else int(rng.choice(sorted(cameras_of[pid])))
+            chosen = int(rng.choice([i for i in indices if self.train[i].camid == camera]))
+            query.append(self.train[chosen])
+            gallery.extend(self.train[i] for i in indices if i != chosen)
+        unmatched = unmatched_queries(query, gallery)
+        if unmatched:
+            raise RuntimeError(f"{self.name}: validation queries without a match: {unmatched[:5]}")
+        kept = set(held_out)
+        train = relabel([r for r in self.train if r.pid not in kept])
         return Dataset(name=f"{self.name}-val", train=train, query=query, gallery=gallery,
-                       num_cameras=self.num_cameras)
+                       num_cameras=self.num_cameras, query_camera=self.query_camera)
+
+
+def unmatched_queries(query: list[TrackletRecord], gallery: list[TrackletRecord]) -> list[int]:
+    """Indices of queries with no gallery tracklet of the same identity from another camera
+    (the metric skips them: a protocol should have none)."""
+    seen: dict[int, set[int]] = defaultdict(set)
+    for record in gallery:
+        seen[record.pid].add(record.camid)
+    return [i for i, r in enumerate(query) if not seen[r.pid] - {r.camid}]

@@ -51,17 +51,26 @@ class RandomIdentitySampler(torch.utils.data.Sampler[list[int]]):
     fewer than K tracklets is filled up by sampling with replacement; a short last group is
     completed from the identity's other tracklets); batches then take P identities at random
     among those with groups left, until fewer than P remain. Each `__iter__` is a new epoch,
-    deterministic from (seed, epoch); `set_epoch` pins the epoch (for resuming)."""
+    deterministic from (seed, epoch); `set_epoch` pins the epoch (for resuming).
 
-    def __init__(self, records: Sequence[TrackletRecord], P: int = 4, K: int = 4, seed: int = 0) -> None:
+    Distributed (DDP): every rank draws the same global batches of `num_replicas` x P identities
+    from the same (seed, epoch) and keeps its own P of them, so each rank's batch is P whole
+    identities x K tracklets (batch-hard triplets stay per rank) and ranks never share a group."""
+
+    def __init__(self, records: Sequence[TrackletRecord], P: int = 4, K: int = 4, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
         if P < 1 or K < 1:
             raise ValueError(f"P and K must be positive (got P={P}, K={K})")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in 0..{num_replicas - 1}")
         self.by_pid: dict[int, list[int]] = defaultdict(list)
         for index, record in enumerate(records):
             self.by_pid[record.pid].append(index)
-        if len(self.by_pid) < P:
-            raise ValueError(f"P={P} identities per batch but the data has only {len(self.by_pid)}")
+        if len(self.by_pid) < P * num_replicas:
+            raise ValueError(f"P={P} identities per batch x {num_replicas} ranks but the data has only "
+                             f"{len(self.by_pid)}")
         self.P, self.K, self.seed = P, K, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -86,10 +95,13 @@ class RandomIdentitySampler(torch.utils.data.Sampler[list[int]]):
         self.epoch += 1
         groups = self._groups(rng)
         available = sorted(groups)
-        while len(available) >= self.P:
+        span = self.P * self.num_replicas
+        while len(available) >= span:
             batch = []
-            for pid in rng.choice(available, size=self.P, replace=False).tolist():
-                batch.extend(groups[pid].pop())
+            for position, pid in enumerate(rng.choice(available, size=span, replace=False).tolist()):
+                group = groups[pid].pop()
+                if position // self.P == self.rank:
+                    batch.extend(group)
                 if not groups[pid]:
                     available.remove(pid)
             yield batch
@@ -97,4 +109,4 @@ class RandomIdentitySampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         """Upper bound on the batches of an epoch (identities running out early can end it sooner)."""
         num_groups = sum(max(1, -(-len(v) // self.K)) for v in self.by_pid.values())
-        return num_groups // self.P
+        return num_groups // (self.P * self.num_replicas)

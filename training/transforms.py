@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -129,16 +129,19 @@ class ClipDataset(torch.utils.data.Dataset):
     `RandomIdentitySampler` as batch sampler. mode="test": items are ALL consecutive clips of all
     records, each carrying `tracklet` (its record index) so clip features can be averaged per
     tracklet (`training.metrics.mean_per_tracklet`); items stay small whatever the tracklet length.
+    `frames` reads one frame path as uint8 RGB (default: the image file; packed shards read faster).
     Items are dicts: frames `[T, 3, H, W]`, keypoints `[T, 17, 3]` (input pixels), pid, camid,
     erased `[T]`, tracklet. Randomness comes from torch's generator, so `torch.manual_seed` and
     DataLoader worker seeding make it reproducible and different per worker."""
 
     def __init__(self, records: Sequence[TrackletRecord], mode: str = "train", T: int = 4,
-                 size: tuple[int, int] = (256, 128), transform: ClipTransform | None = None) -> None:
+                 size: tuple[int, int] = (256, 128), transform: ClipTransform | None = None,
+                 frames: Callable[[str], np.ndarray] | None = None) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"ClipDataset mode {mode!r} not in ('train', 'test')")
         self.records = list(records)
         self.mode, self.T = mode, T
+        self.read_frame = frames if frames is not None else load_frame  # e.g. training.packed.PackedFrames
         self.transform = transform if transform is not None else ClipTransform(size=size, train=mode == "train")
         self.clips: list[tuple[int, np.ndarray]] = []
         if mode == "test":
@@ -155,7 +158,7 @@ class ClipDataset(torch.utils.data.Dataset):
         else:
             index, frame_indices = self.clips[item]
         record = self.records[index]
-        frames = [load_frame(record.frames[i]) for i in frame_indices]
+        frames = [self.read_frame(record.frames[i]) for i in frame_indices]
         frames_t, keypoints, erased = self.transform(frames, load_keypoints(record, frame_indices), rng)
         return {"frames": frames_t, "keypoints": keypoints, "pid": record.pid, "camid": record.camid,
                 "erased": erased, "tracklet": index}
@@ -172,3 +175,11 @@ def collate_clips(batch: Sequence[dict]) -> dict[str, torch.Tensor]:
     for key in ("pid", "camid", "tracklet"):
         out[key] = torch.tensor([int(item[key]) for item in batch], dtype=torch.int64)
     return out
+
+
+def limit_worker_threads(_: int = 0) -> None:
+    """DataLoader `worker_init_fn`: loader workers decode with OpenCV and copy with numpy, one
+    thread each; left alone, N workers x all cores of OpenCV / torch threads oversubscribe the
+    CPU that feeds the GPU."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
