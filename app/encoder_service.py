@@ -95,9 +95,9 @@ class EncoderService:
                 descriptors = self._encode(batch)
             except Exception as exc:
                 self.queue.extendleft(reversed(batch))
-                if not _out_of_memory(exc) or self.batch_size == 1:
+                if not _out_of_memory(exc) or len(batch) == 1:
                     raise
-                self.batch_size = max(1, self.batch_size // 2)
+                self.batch_size = max(1, len(batch) // 2)
                 LOG.warning("encoder out of memory on %d clips; batch size now %d (%s)",
                             len(batch), self.batch_size, exc)
                 continue

@@ -1,11 +1,20 @@
 """Test helpers shared by several test files (pytest puts this folder on sys.path)."""
+import importlib.util
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import cv2
+import numpy as np
+import pytest
+
 from storage import open_repository
+from tracking.synthetic import write_video
 
 
 class FlakyVideoServer:
@@ -55,3 +64,67 @@ def stored_clip_count(db: Path) -> int:
             return repo.stats().clips
     except Exception:  # noqa: BLE001 - the schema may not exist yet while the watcher starts
         return 0
+
+
+# -- running keyreid-watch in tests -----------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(importlib.util.find_spec("ultralytics").submodule_search_locations[0]) / "assets"
+
+
+def bus_video(path: Path, num_frames: int) -> Path:
+    """bus.jpg (4 people) panned back and forth a few pixels per frame, 400x560, 10 fps."""
+    bus = cv2.cvtColor(cv2.imread(str(ASSETS / "bus.jpg")), cv2.COLOR_BGR2RGB)
+    bus = cv2.resize(bus, (432, 576), interpolation=cv2.INTER_AREA)
+    frames = []
+    for i in range(num_frames):
+        k = i % 16 if (i // 16) % 2 == 0 else 15 - i % 16
+        frames.append(np.ascontiguousarray(bus[8 - k // 2: 8 - k // 2 + 560, 2 * k: 2 * k + 400]))
+    return write_video(path, frames, fps=10)
+
+
+def watcher_config(folder: Path, weights: Path, cameras: str, db: str = "watch.db") -> Path:
+    path = folder / "cams.yaml"
+    path.write_text(textwrap.dedent(f"""
+        database: sqlite:///{db}
+        detector: {{weights: {weights}, imgsz: 640}}
+        keypoints: {{backend: yolo-pose}}
+        reid: {{overrides: {{depth: 2}}, batch_size: 8, max_wait: 0.2}}
+        clips: {{window: 8, overlap: 4, lost_after: 10}}
+        linking: {{threshold: 1.0}}
+        cameras:
+    """) + textwrap.indent(textwrap.dedent(cameras), "  "))
+    return path
+
+
+HALVES = """
+- {id: left, source: bus.mkv, crop: [0, 0, 200, 560], max_fps: null}
+- {id: right, source: bus.mkv, crop: [200, 0, 200, 560], max_fps: null}
+"""
+
+
+def run_watcher(config: Path, *args: str, wait: bool = True, timeout: float = 240):
+    """Run the CLI; `wait=False` returns the Popen, its output going to `<config>.N.log`
+    (a file, not a pipe nobody drains while the test waits)."""
+    command = [sys.executable, "-m", "app.watch", "--cameras", str(config), *args]
+    if not wait:
+        log = config.with_suffix(f".{len(list(config.parent.glob('*.log')))}.log")
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                       text=True)
+        process.log = log
+        return process
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(condition, timeout: float, what: str, process=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"watcher exited ({process.returncode}) before {what}:\n"
+                        f"{process.log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+

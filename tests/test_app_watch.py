@@ -3,12 +3,8 @@ PyAV) split into two virtual cameras: clips, tracklets, descriptors, linking; br
 failing alone; kill -9, restart, a second watcher, SIGTERM."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,69 +13,11 @@ import numpy as np
 import pytest
 
 from storage import open_repository
-from support import FlakyVideoServer, stored_clip_count
-from tracking.synthetic import write_video
+from support import (HALVES, FlakyVideoServer, bus_video, run_watcher, stored_clip_count,
+                     wait_for, watcher_config)
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = Path(importlib.util.find_spec("ultralytics").submodule_search_locations[0]) / "assets"
 pytestmark = pytest.mark.slow
 
-
-def _bus_video(path: Path, num_frames: int) -> Path:
-    """bus.jpg (4 people) panned back and forth a few pixels per frame, 400x560, 10 fps."""
-    bus = cv2.cvtColor(cv2.imread(str(ASSETS / "bus.jpg")), cv2.COLOR_BGR2RGB)
-    bus = cv2.resize(bus, (432, 576), interpolation=cv2.INTER_AREA)
-    frames = []
-    for i in range(num_frames):
-        k = i % 16 if (i // 16) % 2 == 0 else 15 - i % 16
-        frames.append(np.ascontiguousarray(bus[8 - k // 2: 8 - k // 2 + 560, 2 * k: 2 * k + 400]))
-    return write_video(path, frames, fps=10)
-
-
-def _config(folder: Path, weights: Path, cameras: str, db: str = "watch.db") -> Path:
-    path = folder / "cams.yaml"
-    path.write_text(textwrap.dedent(f"""
-        database: sqlite:///{db}
-        detector: {{weights: {weights}, imgsz: 640}}
-        keypoints: {{backend: yolo-pose}}
-        reid: {{overrides: {{depth: 2}}, batch_size: 8, max_wait: 0.2}}
-        clips: {{window: 8, overlap: 4, lost_after: 10}}
-        linking: {{threshold: 1.0}}
-        cameras:
-    """) + textwrap.indent(textwrap.dedent(cameras), "  "))
-    return path
-
-
-HALVES = """
-- {id: left, source: bus.mkv, crop: [0, 0, 200, 560], max_fps: null}
-- {id: right, source: bus.mkv, crop: [200, 0, 200, 560], max_fps: null}
-"""
-
-
-def _watch(config: Path, *args: str, wait: bool = True, timeout: float = 240):
-    """Run the CLI; `wait=False` returns the Popen, its output going to `<config>.N.log`
-    (a file, not a pipe nobody drains while the test waits)."""
-    command = [sys.executable, "-m", "app.watch", "--cameras", str(config), *args]
-    if not wait:
-        log = config.with_suffix(f".{len(list(config.parent.glob('*.log')))}.log")
-        with open(log, "w") as out:
-            process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                       text=True)
-        process.log = log
-        return process
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _wait_for(condition, timeout: float, what: str, process=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"watcher exited ({process.returncode}) before {what}:\n"
-                        f"{process.log.read_text()[-3000:]}")
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +25,12 @@ def synthetic_run(tmp_path_factory, weights):
     """One watcher run: two virtual cameras from a file, and a third camera over HTTP whose
     connection drops half-way (it must reconnect with backoff and resume)."""
     folder = tmp_path_factory.mktemp("watch")
-    _bus_video(folder / "bus.mkv", 40)
-    server = FlakyVideoServer(_bus_video(folder / "bus.ts", 40).read_bytes(), failure="drop")
-    config = _config(folder, weights, HALVES + f"- {{id: web, source: '{server.url}', "
+    bus_video(folder / "bus.mkv", 40)
+    server = FlakyVideoServer(bus_video(folder / "bus.ts", 40).read_bytes(), failure="drop")
+    config = watcher_config(folder, weights, HALVES + f"- {{id: web, source: '{server.url}', "
                                                f"max_fps: null}}\n")
     try:
-        result = _watch(config)
+        result = run_watcher(config)
     finally:
         server.close()
     return folder, result, server.requests
@@ -148,17 +86,17 @@ def test_http_camera_that_drops_reconnects_and_resumes(synthetic_run):
 
 
 def test_broken_cameras_fail_alone_while_the_good_one_finishes(tmp_path, weights):
-    _bus_video(tmp_path / "bus.mkv", 24)
+    bus_video(tmp_path / "bus.mkv", 24)
     (tmp_path / "random.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
     whole = (tmp_path / "bus.mkv").read_bytes()
     (tmp_path / "truncated.mkv").write_bytes(whole[: len(whole) // 3])
-    config = _config(tmp_path, weights, """
+    config = watcher_config(tmp_path, weights, """
         - {id: good, source: bus.mkv, max_fps: null}
         - {id: missing, source: nowhere.mp4}
         - {id: noise, source: random.mp4}
         - {id: cut, source: truncated.mkv, max_fps: null}
     """)
-    result = _watch(config)
+    result = run_watcher(config)
     assert result.returncode == 1, result.stderr
     log = result.stderr
     assert "camera good: finished" in log
@@ -184,13 +122,13 @@ def _children(pid: int) -> list[int]:
 
 
 def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(tmp_path, weights):
-    _bus_video(tmp_path / "bus.mkv", 120)
-    config = _config(tmp_path, weights, HALVES)
+    bus_video(tmp_path / "bus.mkv", 120)
+    config = watcher_config(tmp_path, weights, HALVES)
     db = tmp_path / "watch.db"
-    first = _watch(config, "--realtime", wait=False)
+    first = run_watcher(config, "--realtime", wait=False)
     try:
-        _wait_for(lambda: stored_clip_count(db) >= 2, 180, "the first clips", first)
-        refused = _watch(config)
+        wait_for(lambda: stored_clip_count(db) >= 2, 180, "the first clips", first)
+        refused = run_watcher(config)
         assert refused.returncode == 3
         assert "already has a writer" in refused.stderr and "keyreid-watch" in refused.stderr
         workers = _children(first.pid)
@@ -216,9 +154,9 @@ def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(t
         kept = repo.stats().clips
 
     # restart: a new run, the killed one is marked aborted; SIGTERM stops it cleanly
-    second = _watch(config, "--realtime", wait=False)
+    second = run_watcher(config, "--realtime", wait=False)
     try:
-        _wait_for(lambda: stored_clip_count(db) >= kept + 2, 180, "clips of the second run", second)
+        wait_for(lambda: stored_clip_count(db) >= kept + 2, 180, "clips of the second run", second)
         stop = time.monotonic()
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
