@@ -306,7 +306,8 @@ def write_plots(history: list[dict[str, float]], run_dir: Path) -> None:
     axis.set_xlabel("epoch")
     axis.set_ylabel("%")
     axis.set_xlim(0.5, max(epochs) + 0.5 if epochs else 1)
-    axis.legend()
+    if axis.lines:  # a run without validation (the retraining in final/) has nothing to plot here
+        axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(run_dir / "accuracy.png", dpi=100)
