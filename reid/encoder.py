@@ -5,8 +5,10 @@ model step so a service can prepare clips on workers and batch them on the accel
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,9 +17,33 @@ import torch.nn.functional as F
 from .checkpoints import file_digest, load_model
 from .registry import build_model
 
+if TYPE_CHECKING:
+    from .export import OnnxRunner
+
 log = logging.getLogger(__name__)
 
 UNTRAINED_SEED = 0
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> tuple[str, str]:
+    """The runtime to use and why. `auto`: torch on CUDA; on the CPU OpenVINO, else ONNX Runtime,
+    else torch (whichever is installed). An explicit runtime that is not installed falls back to
+    torch with the reason, so the service never fails for a speed-up."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r}: choose {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return "torch", "runtime: torch (configured)"
+    if runtime == "auto":
+        if device.type != "cpu":
+            return "torch", f"runtime auto: torch on {device.type}"
+        for candidate in ("openvino", "onnxruntime"):
+            if importlib.util.find_spec(candidate) is not None:
+                return candidate, f"runtime auto: {candidate} on the CPU"
+        return "torch", "runtime auto: torch (neither openvino nor onnxruntime is installed)"
+    if importlib.util.find_spec(runtime) is None:
+        return "torch", f"runtime {runtime} unavailable (not installed): torch"
+    return runtime, f"runtime: {runtime} (configured)"
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -38,6 +64,11 @@ class Encoder:
     plumbing, useless for re-identification, and said loudly.
     `precision`: "auto" (bf16 autocast on CUDA when supported, else fp16; fp32 on CPU),
     "fp32", "bf16" or "fp16".
+    `runtime`: "torch", "openvino", "onnxruntime" or "auto" (`resolve_runtime`). The latter two
+    run the optimised inference graph exported to ONNX (`reid.export`, cached in `export_dir`)
+    on the CPU, with `threads` threads (None: the runtime's default, every core); fp32 (or bf16
+    with OpenVINO) and descriptors within 1e-4 relative of torch. If the export fails the
+    encoder runs torch and says why (`runtime_reason`).
     """
 
     def __init__(
@@ -47,9 +78,13 @@ class Encoder:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         precision: str = "auto",
+        runtime: str = "torch",
+        threads: int | None = None,
+        export_dir: str | Path | None = None,
         **overrides,
     ) -> None:
         self.device = _resolve_device(device)
+        self.runtime, self.runtime_reason = resolve_runtime(runtime, self.device)
         if checkpoint is not None:
             network, payload = load_model(checkpoint)
             self.model_name = payload.get("model_name", "custom")
@@ -71,6 +106,10 @@ class Encoder:
         self.config = network.config
         self.batch_size = batch_size
         self.autocast_dtype = self._autocast_dtype(precision)
+        self.runner = None
+        if self.runtime != "torch":
+            self.runner = self._exported_runner(export_dir, threads, precision)
+        log.info("encoder: %s", self.runtime_reason)
         self._mean = torch.tensor(self.config.mean).view(1, 1, 3, 1, 1)
         self._std = torch.tensor(self.config.std).view(1, 1, 3, 1, 1)
 
@@ -83,6 +122,23 @@ class Encoder:
         if precision not in choices:
             raise ValueError(f"precision={precision!r}: choose auto, fp32, bf16 or fp16")
         return choices[precision]
+
+    def _exported_runner(self, export_dir: str | Path | None, threads: int | None, precision: str) -> "OnnxRunner | None":
+        """The OpenVINO / ONNX Runtime runner of the exported graph; None (torch) if that fails."""
+        from .export import OnnxRunner, cached_onnx, check_precision
+
+        if self.device.type != "cpu":
+            raise ValueError(f"runtime {self.runtime!r} runs on the CPU, not {self.device}")
+        exported_precision = "fp32" if precision == "auto" else precision
+        check_precision(self.runtime, exported_precision)
+        try:
+            path = cached_onnx(self.model, self.model_name, export_dir)
+            return OnnxRunner(path, self.runtime, threads=threads, precision=exported_precision)
+        except Exception as exc:  # noqa: BLE001 - any export / load failure: run torch, say why
+            self.runtime_reason = f"{self.runtime} failed ({type(exc).__name__}: {exc}); falling back to torch"
+            log.warning("encoder: %s", self.runtime_reason)
+            self.runtime = "torch"
+            return None
 
     @property
     def dim(self) -> int:
@@ -121,6 +177,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_tensors(self, images: torch.Tensor, keypoints: torch.Tensor, camera_ids: torch.Tensor) -> np.ndarray:
         """The batched accelerator step on preprocessed clips."""
+        if self.runner is not None:
+            return self._encode_exported(images, keypoints, camera_ids)
         outputs = []
         for start in range(0, images.shape[0], self.batch_size):
             stop = start + self.batch_size
@@ -133,6 +191,17 @@ class Encoder:
         if not outputs:
             return np.zeros((0, self.dim), dtype=np.float32)
         return torch.cat(outputs).numpy()
+
+    def _encode_exported(self, images: torch.Tensor, keypoints: torch.Tensor, camera_ids: torch.Tensor) -> np.ndarray:
+        if camera_ids.numel() and int(camera_ids.max()) >= self.config.num_cameras:
+            # the torch model raises this itself; the exported graph has no such check
+            raise ValueError(f"camera id {int(camera_ids.max())} >= num_cameras={self.config.num_cameras}")
+        outputs = [self.runner(images[start:start + self.batch_size].numpy(), keypoints[start:start + self.batch_size].numpy(),
+                               camera_ids[start:start + self.batch_size].numpy())
+                   for start in range(0, images.shape[0], self.batch_size)]
+        if not outputs:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32, copy=False)
 
     def encode(self, frames: np.ndarray, keypoints: np.ndarray | None, camera_ids: np.ndarray | list[int] | None = None) -> np.ndarray:
         """Descriptors float32 `[N, dim]` for N clips. Camera ids index the model's camera

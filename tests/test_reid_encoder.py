@@ -1,4 +1,5 @@
 """The inference object: checkpoints, preprocessing, validation, local pretrained weights."""
+import importlib.util
 import logging
 
 import numpy as np
@@ -103,3 +104,146 @@ def test_local_pretrained_weights_load_with_resized_position_embedding(tmp_path)
     assert torch.equal(model.global_block.attn.qkv.weight, source.blocks[-1].attn.qkv.weight)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         reid.build_model("keyreid_vit_tiny", pretrained=tmp_path / "nowhere.pth")
+
+
+# --- exported runtimes (OpenVINO / ONNX Runtime on the CPU) --------------------------------------
+
+EXPORTED = ("onnxruntime", "openvino")
+CI_MAX_PARAMS = 60e6  # tiny and small variants; ViT-B ones are exported by `python -m reid.bench`
+
+
+def _needs(runtime):
+    if importlib.util.find_spec(runtime) is None:
+        pytest.skip(f"{runtime} not installed: pip install -e .[cpu-fast]")
+
+
+def _ci_sized_variants():
+    sized = []
+    for name in reid.list_models():
+        with torch.device("meta"):  # shapes only: counts parameters without allocating them
+            count = sum(p.numel() for p in reid.build_model(name).parameters())
+        if count <= CI_MAX_PARAMS:
+            sized.append(name)
+    return sized
+
+
+def _relative(got, expected):
+    return float((np.linalg.norm(got - expected, axis=1) / np.linalg.norm(expected, axis=1)).max())
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("encoder-exports")
+
+
+@pytest.mark.parametrize("name", _ci_sized_variants())
+def test_exported_graph_matches_torch_for_every_ci_sized_variant(name, export_dir):
+    """Full-size registered variants (256x128, full depth), fp32, batches of 2 and 1 through one
+    dynamic-batch graph; cameras known and unknown (-1)."""
+    available = [r for r in EXPORTED if importlib.util.find_spec(r) is not None]
+    if not available:
+        pytest.skip("neither onnxruntime nor openvino is installed: pip install -e .[cpu-fast]")
+    assert {"keyreid_vit_tiny", "vidtrans_vit_tiny"} <= set(_ci_sized_variants())
+    frames, keypoints = _clips(count=3, height=200, width=80, seed=1)
+    cameras = [0, 5, -1]
+    expected = reid.Encoder(model=name, device="cpu").encode(frames, keypoints, cameras)
+    for runtime in available:
+        encoder = reid.Encoder(model=name, device="cpu", runtime=runtime, threads=1, batch_size=2,
+                               export_dir=export_dir)
+        assert encoder.runtime == runtime, encoder.runtime_reason
+        got = encoder.encode(frames, keypoints, cameras)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert _relative(got, expected) <= 1e-4, (runtime, _relative(got, expected))
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_exported_encoder_checks_camera_ids_and_empty_input(runtime, tmp_path):
+    _needs(runtime)
+    encoder = reid.Encoder(device="cpu", runtime=runtime, export_dir=tmp_path, **TINY)
+    frames, keypoints = _clips()
+    with pytest.raises(ValueError, match="num_cameras"):
+        encoder.encode(frames, keypoints, [0, 1, 8])
+    assert encoder.encode(frames[:0], keypoints[:0]).shape == (0, encoder.dim)
+
+
+def test_export_cache_reuses_rekeys_and_rebuilds(tmp_path, monkeypatch, caplog):
+    from reid import export
+
+    runtime = next((r for r in EXPORTED if importlib.util.find_spec(r) is not None), None)
+    if runtime is None:
+        pytest.skip("neither onnxruntime nor openvino is installed")
+    made = []
+    real = export.export_onnx
+    monkeypatch.setattr(export, "export_onnx", lambda model, path: made.append(path) or real(model, path))
+    first = reid.Encoder(device="cpu", runtime=runtime, export_dir=tmp_path, **TINY)
+    again = reid.Encoder(device="cpu", runtime=runtime, export_dir=tmp_path, **TINY)
+    assert len(made) == 1  # second start reuses the export
+    frames, keypoints = _clips()
+    np.testing.assert_array_equal(first.encode(frames, keypoints), again.encode(frames, keypoints))
+
+    model = reid.build_model("keyreid_vit_tiny", **TINY)  # other weights, same name and config
+    path = save_checkpoint(model, tmp_path / "trained.pt", name="keyreid_vit_tiny")
+    trained = reid.Encoder(path, device="cpu", runtime=runtime, export_dir=tmp_path)
+    assert len(made) == 2 and len(list(tmp_path.glob("*.onnx"))) == 2
+    reference = reid.Encoder(path, device="cpu").encode(frames, keypoints)
+    assert _relative(trained.encode(frames, keypoints), reference) <= 1e-4
+
+    onnx_file = max(tmp_path.glob("*.onnx"), key=lambda p: p.stat().st_mtime)
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 32] = bytes(32)
+    onnx_file.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="reid.export"):
+        rebuilt = reid.Encoder(path, device="cpu", runtime=runtime, export_dir=tmp_path)
+    assert len(made) == 3 and "corrupt" in caplog.text
+    assert _relative(rebuilt.encode(frames, keypoints), reference) <= 1e-4
+
+
+def test_runtime_choice_and_torch_fallbacks(tmp_path, monkeypatch, caplog):
+    from reid import encoder as encoder_module
+    from reid import export
+
+    cpu = torch.device("cpu")
+    assert encoder_module.resolve_runtime("auto", torch.device("cuda"))[0] == "torch"
+    with pytest.raises(ValueError, match="tensorrt"):
+        reid.Encoder(device="cpu", runtime="tensorrt", **TINY)
+    if importlib.util.find_spec("openvino") is not None:
+        assert encoder_module.resolve_runtime("auto", cpu)[0] == "openvino"
+        with pytest.raises(ValueError, match="fp16"):
+            reid.Encoder(device="cpu", runtime="openvino", precision="fp16", export_dir=tmp_path, **TINY)
+    with pytest.raises(ValueError, match="bf16"):
+        export.check_precision("onnxruntime", "bf16")
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(encoder_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name in EXPORTED else real_find_spec(name, *a))
+    assert encoder_module.resolve_runtime("auto", cpu)[0] == "torch"
+    missing = reid.Encoder(device="cpu", runtime="openvino", **TINY)
+    assert missing.runtime == "torch" and "not installed" in missing.runtime_reason
+    monkeypatch.undo()
+
+    runtime = next((r for r in EXPORTED if real_find_spec(r) is not None), None)
+    if runtime is None:
+        return
+    def broken(model, path):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(export, "export_onnx", broken)
+    with caplog.at_level(logging.WARNING, logger="reid.encoder"):
+        fallback = reid.Encoder(device="cpu", runtime=runtime, export_dir=tmp_path / "x", **TINY)
+    assert fallback.runtime == "torch" and "exporter exploded" in caplog.text
+    frames, keypoints = _clips()
+    np.testing.assert_array_equal(fallback.encode(frames, keypoints),
+                                  reid.Encoder(device="cpu", **TINY).encode(frames, keypoints))
+    assert not list((tmp_path / "x").glob("*.onnx"))
+
+
+def test_export_cli_writes_a_checked_graph(tmp_path, capsys):
+    from reid import export
+
+    out = tmp_path / "tiny.onnx"
+    export.main(["--model", "vidtrans_vit_tiny", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert out.is_file() and "dynamic batch" in printed
+    for line in printed.splitlines():
+        if "max relative difference" in line:
+            assert float(line.rsplit(" ", 1)[1]) <= 1e-4, line

@@ -1,0 +1,228 @@
+"""`python -m reid.export`: the encoder's optimised inference graph as ONNX, for OpenVINO / ONNX Runtime.
+
+The exported graph is exactly what `KeyReID.forward` runs at inference (the global and part
+blocks computed for [CLS] only, part keys/values shared, heatmaps from keypoints inside the
+graph) followed by `KeyReID.descriptor`: clips in, descriptors out, batch dimension dynamic.
+Inputs: `frames` float32 [B, T, 3, H, W] normalised, `keypoints` float32 [B, T, 17, 3] in
+model-input pixels, `camera_ids` int64 [B] (-1 = unknown camera); output `descriptor` [B, dim].
+A graph that does not use an input (no keypoints for `stripes`) may not declare it.
+
+`cached_onnx` keeps one export per (weights, config, model code, torch version) in a cache
+folder, checksummed, so a watcher exports once and a changed checkpoint or model code never
+reuses a stale graph. Only torch is needed to export; running needs `openvino` or `onnxruntime`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .model import KeyReID
+
+log = logging.getLogger(__name__)
+
+INPUTS = ("frames", "keypoints", "camera_ids")
+OUTPUT = "descriptor"
+OPSET = 17
+EXPORT_LAYOUT = 1  # bump when the exported graph's contract changes
+CACHE_ENV = "KEYREID_CACHE"
+RUNTIME_PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+# The modules whose code shapes the graph: a change in any of them means a new export.
+_GRAPH_MODULES = ("model", "blocks", "heatmaps", "keypoints", "config")
+
+
+class DescriptorGraph(nn.Module):
+    """`KeyReID` in eval mode from inputs to the inference descriptor (what gets exported)."""
+
+    def __init__(self, model: KeyReID) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor, keypoints: torch.Tensor, camera_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.descriptor(self.model(frames, keypoints, camera_ids))
+
+
+def example_inputs(model: KeyReID, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of the right shapes and dtypes (values only need to be plausible for tracing)."""
+    config = model.config
+    height, width = config.img_size
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(batch, config.num_frames, 3, height, width, generator=generator)
+    scale = torch.tensor([width - 1, height - 1, 1.0])
+    keypoints = torch.rand(batch, config.num_frames, 17, 3, generator=generator) * scale
+    cameras = torch.arange(batch, dtype=torch.long) % config.num_cameras
+    return frames, keypoints, cameras
+
+
+def export_onnx(model: KeyReID, path: str | os.PathLike) -> Path:
+    """Write the optimised inference graph of `model` to `path` (ONNX, dynamic batch)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = DescriptorGraph(model).eval()
+    # TorchScript-based exporter: the camera-id range check is a Python `if` on a tensor, which
+    # torch.export refuses; traced, it is dropped from the graph (`Encoder` checks ids itself).
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, example_inputs(model), str(path), input_names=list(INPUTS),
+                          output_names=[OUTPUT], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={name: {0: "batch"} for name in (*INPUTS, OUTPUT)})
+    return path
+
+
+def default_export_dir() -> Path:
+    """`$KEYREID_CACHE/exports` (else `~/.cache/keyreid/exports`), shared with the detector's exports."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/keyreid").expanduser() / "exports"
+
+
+def graph_key(model: KeyReID) -> str:
+    """Digest of everything the exported graph depends on: weights and buffers, config, the
+    model code and the torch version (untrained weights depend on the latter two as well)."""
+    digest = hashlib.sha256(f"layout{EXPORT_LAYOUT} torch{torch.__version__} opset{OPSET}".encode())
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name in _GRAPH_MODULES:
+        digest.update(Path(importlib.util.find_spec(f"reid.{name}").origin).read_bytes())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_onnx(model: KeyReID, name: str, export_dir: str | os.PathLike | None = None) -> Path:
+    """The ONNX export of `model`, made on first use in `export_dir` and checked on reuse (a
+    file whose checksum no longer matches is exported again)."""
+    root = Path(export_dir) if export_dir is not None else default_export_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}-{graph_key(model)}.onnx"
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file():
+        try:
+            if json.loads(sidecar.read_text()).get("sha256") == _sha256(path):
+                log.info("encoder: reusing the ONNX export %s", path)
+                return path
+        except ValueError:
+            pass
+        log.warning("encoder: cached ONNX export %s is corrupt; exporting again", path)
+    log.info("encoder: exporting the %s inference graph to %s (once)", name, path)
+    handle, staging = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".onnx")
+    os.close(handle)
+    try:
+        export_onnx(model, staging)
+        sidecar.write_text(json.dumps({"sha256": _sha256(Path(staging)), "model": name}))
+        os.replace(staging, path)  # concurrent exporters write identical files; last one wins
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return path
+
+
+def check_precision(runtime: str, precision: str) -> None:
+    """fp32 everywhere; bf16 only with OpenVINO (ONNX Runtime's CPU provider computes fp32)."""
+    if precision not in ("fp32", "bf16") or (precision == "bf16" and runtime != "openvino"):
+        raise ValueError(f"precision {precision!r} is not available with {runtime}: "
+                         f"use fp32{' or bf16' if runtime == 'openvino' else ''}")
+
+
+class OnnxRunner:
+    """Runs an exported descriptor graph with OpenVINO or ONNX Runtime on the CPU.
+
+    `threads`: OpenVINO `INFERENCE_NUM_THREADS` / ONNX Runtime intra-op threads (None: the
+    runtime's default, every core). `precision`: "fp32" or (OpenVINO only) "bf16". OpenVINO's
+    own default on CPUs with bf16 units is bf16, which moves ViT descriptors by ~1e-2 relative,
+    so fp32 is asked for explicitly.
+    """
+
+    def __init__(self, path: str | os.PathLike, runtime: str, threads: int | None = None,
+                 precision: str = "fp32") -> None:
+        check_precision(runtime, precision)
+        self.runtime = runtime
+        if runtime == "openvino":
+            import openvino as ov
+
+            config: dict = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
+            if threads is not None:
+                config["INFERENCE_NUM_THREADS"] = threads
+            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+            # OpenVINO may give an input extra tensor names; keep the one we exported.
+            self.inputs = [next(n for n in port.get_names() if n in INPUTS) for port in self._compiled.inputs]
+        elif runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads is not None:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.inputs = [port.name for port in self._session.get_inputs()]
+        else:
+            raise ValueError(f"unknown runtime {runtime!r}: use openvino or onnxruntime")
+
+    def __call__(self, frames: np.ndarray, keypoints: np.ndarray, camera_ids: np.ndarray) -> np.ndarray:
+        given = {"frames": frames.astype(np.float32, copy=False), "keypoints": keypoints.astype(np.float32, copy=False),
+                 "camera_ids": camera_ids.astype(np.int64, copy=False)}
+        feeds = {name: given[name] for name in self.inputs}
+        if self.runtime == "openvino":
+            return self._compiled(feeds)[self._compiled.output(0)]
+        return self._session.run([OUTPUT], feeds)[0]
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    """Largest per-descriptor ||got - expected|| / ||expected||."""
+    norms = np.linalg.norm(expected, axis=1).clip(min=1e-12)
+    return float((np.linalg.norm(got - expected, axis=1) / norms).max())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .checkpoints import load_model
+    from .registry import build_model, list_models
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="re-id checkpoint (default: the untrained seed-0 variant)")
+    parser.add_argument("--model", default="keyreid_vit_tiny", choices=list_models())
+    parser.add_argument("--out", help="ONNX file to write (default: the encoder's export cache)")
+    parser.add_argument("--no-check", action="store_true", help="skip comparing the installed runtimes with torch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.checkpoint:
+        model, payload = load_model(args.checkpoint)
+        name = payload.get("model_name", "custom")
+    else:
+        from .encoder import UNTRAINED_SEED
+
+        model, name = build_model(args.model, seed=UNTRAINED_SEED), args.model
+    model.eval()
+    path = export_onnx(model, args.out) if args.out else cached_onnx(model, name)
+    print(f"exported {name} ({model.descriptor_dim}-d descriptor, dynamic batch) to {path} "
+          f"({path.stat().st_size / 1e6:.1f} MB)")
+    if args.no_check:
+        return
+    frames, keypoints, cameras = example_inputs(model, batch=3)
+    with torch.inference_mode():
+        expected = DescriptorGraph(model)(frames, keypoints, cameras).numpy()
+    for runtime, package in RUNTIME_PACKAGES.items():
+        if importlib.util.find_spec(package) is None:
+            print(f"{runtime:<12} not installed (pip install -e .[cpu-fast])")
+            continue
+        got = OnnxRunner(path, runtime)(frames.numpy(), keypoints.numpy(), cameras.numpy())
+        print(f"{runtime:<12} max relative difference from torch: {relative_error(got, expected):.2e}")
+
+
+if __name__ == "__main__":
+    main()
