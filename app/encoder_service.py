@@ -49,6 +49,7 @@ class EncoderService:
             torch.set_num_threads(config.threads)
         self.encoder = Encoder(config.checkpoint, model=config.model, device=device,
                                batch_size=config.batch_size, precision=config.precision,
+                               runtime=config.runtime, threads=config.threads,
                                **(config.overrides if config.checkpoint is None else {}))
         self.queue: deque[PendingClip] = deque()
         self.batch_size = config.batch_size
