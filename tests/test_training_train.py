@@ -167,20 +167,25 @@ def test_ilidsvid_needs_one_checkpoint_per_split(tmp_path):
 def test_ablation_cli_runs_end_to_end_and_writes_the_table(data_root, tmp_path, capsys):
     out = tmp_path / "ablation"
     code = ablation.main(["--root", str(data_root), "--epochs", "1", "--configs", "full", "global_only",
-                          "--model-opt", "depth=1", "img_size=[64,32]", "--workers", "0", "--device", "cpu",
-                          "--dataset-opt", *[f"{k}={v}" for k, v in DATA_OPTIONS.items()],
+                          "--seeds", "0", "1", "--model-opt", "depth=1", "img_size=[64,32]", "--workers", "0",
+                          "--device", "cpu", "--dataset-opt", *[f"{k}={v}" for k, v in DATA_OPTIONS.items()],
                           "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| full |" in printed and "| global_only |" in printed
+    assert "| full |" in printed and "| global_only |" in printed and " ± " in printed
     rows = list(csv.DictReader((out / "ablation.csv").open()))
-    assert [r["config"] for r in rows] == ["full", "global_only"]
-    # Each row is the test score of that configuration's selected model: recompute it from best.pt.
+    assert [r["config"] for r in rows] == ["full", "global_only"] and {r["seeds"] for r in rows} == {"2"}
+    # Each row summarises the test scores of that configuration's selected models, one per seed:
+    # recompute them from the best.pt files.
     data = build_dataset("synthetic", data_root, **DATA_OPTIONS)
     for row in rows:
-        model, _ = load_model(out / row["config"] / "best.pt")
-        recomputed = evaluate_model(model, data, torch.device("cpu"), progress=False).as_dict()
-        assert float(row["mAP"]) == pytest.approx(recomputed["mAP"], abs=1e-4)
-        assert float(row["R1"]) == pytest.approx(recomputed["R1"], abs=1e-4)
-    assert read_checkpoint(out / "global_only" / "best.pt")["config"]["local"] == "none"
+        scores = []
+        for seed in (0, 1):
+            model, _ = load_model(out / row["config"] / f"seed{seed}" / "best.pt")
+            scores.append(evaluate_model(model, data, torch.device("cpu"), progress=False).as_dict())
+        for figure in ("mAP", "R1"):
+            values = np.array([s[figure] for s in scores])
+            assert float(row[figure]) == pytest.approx(values.mean(), abs=1e-4)
+            assert float(row[f"{figure}_std"]) == pytest.approx(values.std(), abs=1e-4)
+    assert read_checkpoint(out / "global_only" / "seed1" / "best.pt")["config"]["local"] == "none"
     assert (out / "ablation.md").read_text().startswith("| config |")
