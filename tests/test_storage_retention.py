@@ -261,6 +261,7 @@ def test_retention_beside_a_writing_watcher_and_a_reading_dashboard(tmp_path):
     repo, run = new_repo(path)
     old = add_people(repo, run, 300)
     budget = used_bytes(repo) // 4
+    size_before = file_bytes(path)
     stop_file = tmp_path / "stop"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     watcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WATCHER), url,
@@ -315,6 +316,7 @@ def test_retention_beside_a_writing_watcher_and_a_reading_dashboard(tmp_path):
     deleted = sum(r.tracklets_deleted for r in reports)
     assert deleted >= len(old) // 2 and set(tracklet_ids(path)).isdisjoint(old[:deleted])
     assert max(r.longest_write_s for r in reports) < 1.0
+    assert file_bytes(path) < size_before
     assert_sound(path)
     with sqlite3.connect(path) as con:
         stored = con.execute("SELECT count(*) FROM tracklets WHERE camera_id = 'cam-b'").fetchone()
