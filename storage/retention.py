@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 
 from sqlalchemy import Engine
 
-from .errors import ReadOnlyError, StorageError
+from .errors import ReadOnlyError, StorageError, StorageUnavailableError
 from .repository import Repository
 
 AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum values: 0 NONE, 1 FULL, 2 INCREMENTAL
@@ -105,6 +105,8 @@ def _raw_connection(repo: Repository) -> Iterator[sqlite3.Connection]:
     fairy = _engine(repo).raw_connection()
     try:
         yield fairy.driver_connection
+    except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O: retry
+        raise StorageUnavailableError(f"retention on {repo.url}: {exc}") from exc
     except sqlite3.Error as exc:
         raise StorageError(f"retention on {repo.url}: {exc}") from exc
     finally:
@@ -257,8 +259,9 @@ def enforce_retention(repo: Repository, policy: RetentionPolicy, *, now: datetim
 
     Only finished tracklets created before this call are deleted for size (so a writer adding
     data meanwhile cannot keep it running forever); the age limit applies to all. With
-    `time_budget_s` it starts no batch once that many seconds have passed (`within_budget`
-    then says whether it got there), so a caller can spread a large clean-up over several calls.
+    `time_budget_s` it starts no further batch once that many seconds have passed (one always
+    runs; `within_budget` then says whether it got there), so a caller such as the watcher's
+    main loop can spread a large clean-up over many short calls.
     """
     started = time.perf_counter()
     wall = datetime.now(timezone.utc)
@@ -289,7 +292,8 @@ def enforce_retention(repo: Repository, policy: RetentionPolicy, *, now: datetim
             else:
                 within = True
                 break
-            if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+            if (time_budget_s is not None and writes.count
+                    and time.perf_counter() - started > time_budget_s):
                 break
             ids = [row[0] for row in conn.execute(
                 f"SELECT id FROM tracklets WHERE {condition} ORDER BY created_at, id LIMIT ?",

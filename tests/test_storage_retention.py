@@ -131,6 +131,20 @@ def test_open_tracklets_are_kept_over_the_size_budget(tmp_path):
     repo.close()
 
 
+def test_a_time_budget_spreads_the_work_over_calls(tmp_path):
+    path = tmp_path / "k.db"
+    repo, run = new_repo(path)
+    ids = add_people(repo, run, 30)
+    policy = RetentionPolicy(max_age_days=None, max_bytes=used_bytes(repo) // 3,
+                             batch_tracklets=5)
+    first = enforce_retention(repo, policy, time_budget_s=0.0)
+    assert not first.within_budget and first.tracklets_deleted == 5  # one batch, then stop
+    rest = enforce_retention(repo, policy)
+    assert rest.within_budget and used_bytes(repo) <= policy.max_bytes
+    assert tracklet_ids(path) == ids[first.tracklets_deleted + rest.tracklets_deleted:]
+    repo.close()
+
+
 def test_age_limit_deletes_old_tracklets_finished_or_not(tmp_path):
     path = tmp_path / "k.db"
     repo, run = new_repo(path)
