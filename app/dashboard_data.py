@@ -26,6 +26,7 @@ from storage import (
     open_repository,
     validate_database_url,
 )
+from tracking.redact import redact
 
 ENV_DB = "KEYREID_DASHBOARD_DB"
 ENV_CHECKPOINT = "KEYREID_DASHBOARD_CHECKPOINT"
@@ -125,7 +126,10 @@ def camera_rows(repo: Repository, cameras: list[CameraRecord],
     return [{
         "camera": c.id,
         "name": c.name,
+        "source": redact(c.source or ""),  # older databases may hold a source unredacted
         "status": c.status or "–",
+        "reason": c.status_reason or "",
+        "restarts": c.restarts,
         "last frame (video time)": format_time(c.last_frame_time),
         "fps": None if c.fps is None else round(float(c.fps), 1),
         "frames processed": c.frames_processed,

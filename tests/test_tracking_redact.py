@@ -13,6 +13,8 @@ from tracking.redact import redact, redact_value
     ("rtsp://viewer@cam/live", "rtsp://viewer@cam/live"),  # a user name alone is no secret
     ("/videos/gate:1@2.mp4", "/videos/gate:1@2.mp4"),  # not a URL
     ("two: rtsp://a:1@h/x and rtmp://b:2@h/y", "two: rtsp://a:***@h/x and rtmp://b:***@h/y"),
+    ("rtsp://admin:${CAM_PASSWORD}@cam/live?token=${TOKEN}", "rtsp://admin:${CAM_PASSWORD}@cam/live?token=${TOKEN}"),
+    ("rtsp://a:${PW:-hunter2}@cam/live", "rtsp://a:***@cam/live"),
     ("", ""),
 ])
 def test_redact(text, expected):

@@ -16,15 +16,22 @@ SECRET_PARAMETERS = ("password", "passwd", "pwd", "pass", "token", "access_token
 
 # scheme://user:secret@  (the secret may contain anything but '@', '/' and whitespace)
 _USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@?#]*:)(?P<secret>[^\s/@]+)@")
+_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")  # a default (${X:-...}) is masked
 _PARAMETER = re.compile(
     r"(?P<head>[?&;](?:" + "|".join(SECRET_PARAMETERS) + r")=)(?P<secret>[^&#\s'\"]+)",
     re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """`text` with URL passwords and secret query parameters replaced by `***`."""
-    text = _USERINFO.sub(lambda m: f"{m['head']}{MASK}@", text)
-    return _PARAMETER.sub(lambda m: f"{m['head']}{MASK}", text)
+    """`text` with URL passwords and secret query parameters replaced by `***` (a `${VAR}`
+    reference is kept: it names where the secret lives, not the secret)."""
+    def hide(match: re.Match, tail: str = "") -> str:
+        secret = match["secret"]
+        kept = secret if _REFERENCE.fullmatch(secret) else MASK
+        return f"{match['head']}{kept}{tail}"
+
+    text = _USERINFO.sub(lambda m: hide(m, "@"), text)
+    return _PARAMETER.sub(hide, text)
 
 
 def redact_value(value):
