@@ -259,9 +259,9 @@ def load_video(file: UploadedFile, max_pixels: int = MAX_IMAGE_PIXELS, *,
         refuse("the video has no frames")
     notes: tuple[str, ...] = ()
     if len(frames) < max_frames and over_work():
-        notes = (f"{file.name}: only the first {frames[-1].time - frames[0].time:.1f} s were "
-                 f"used: uploads are decoded up to {max_decoded_frames} frames or "
-                 f"{max_decoded_pixels / 1e9:.1f} gigapixels",)
+        span = frames[-1].time - frames[0].time
+        notes = ((f"{file.name}: only the first {span:.1f} s were used: uploads are decoded up "
+                  f"to {max_decoded_frames} frames or {max_decoded_pixels / 1e9:.1f} gigapixels"),)
     return DecodedVideo(frames, decoded, notes)
 
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
@@ -156,7 +156,8 @@ def _pragma(conn: sqlite3.Connection, name: str) -> int:
 
 
 def _used_bytes(conn: sqlite3.Connection) -> int:
-    return (_pragma(conn, "page_count") - _pragma(conn, "freelist_count")) * _pragma(conn, "page_size")
+    pages = _pragma(conn, "page_count") - _pragma(conn, "freelist_count")
+    return pages * _pragma(conn, "page_size")
 
 
 def used_bytes(repo: Repository) -> int:
@@ -169,7 +170,7 @@ def _stamp(moment: datetime) -> str:
     """`moment` in the text form SQLAlchemy stores SQLite DateTime columns in (UTC, naive),
     so that comparing the stored strings compares the times."""
     if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
@@ -264,7 +265,7 @@ def enforce_retention(repo: Repository, policy: RetentionPolicy, *, now: datetim
     main loop can spread a large clean-up over many short calls.
     """
     started = time.perf_counter()
-    wall = datetime.now(timezone.utc)
+    wall = datetime.now(UTC)
     cutoff = None
     if policy.max_age_days is not None:
         cutoff = _stamp((now or wall) - timedelta(days=policy.max_age_days))

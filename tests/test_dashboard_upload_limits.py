@@ -8,6 +8,7 @@ import ctypes
 import io
 import os
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -57,7 +58,7 @@ class OpenWatch:
             data = os.read(self.fd, 4096)
         except BlockingIOError:
             return False
-        _, mask, _, _ = struct.unpack_from("iIII", data)  # the first event (only IN_OPEN is watched)
+        _, mask, _, _ = struct.unpack_from("iIII", data)  # the first inotify_event
         return bool(mask & self.IN_OPEN)
 
     def close(self) -> None:
@@ -107,6 +108,35 @@ def test_frames_over_the_pixel_limit_are_refused(tmp_path):
     with pytest.raises(UploadError, match=r"big\.mp4: .*0\.003 megapixel"):
         load_video(UploadedFile("big.mp4", data), max_pixels=3000)
     assert load_video(UploadedFile("ok.mp4", data), max_pixels=64 * 48).frames_decoded == 10
+
+
+def growing_mjpeg(big: tuple[int, int]) -> bytes:
+    """Matroska MJPEG whose header says 64x48; frames 3.. are `big` (each JPEG has its size)."""
+    def jpeg(size: tuple[int, int]) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", size, (200, 10, 10)).save(out, format="JPEG")
+        return out.getvalue()
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i, size in enumerate([(64, 48)] * 3 + [big] * 3):
+            packet = av.Packet(jpeg(size))
+            packet.stream, packet.time_base, packet.pts, packet.dts = stream, Fraction(1, 10), i, i
+            container.mux(packet)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("big, message", [
+    ((640, 480), "640x480 frames are larger than the 0.0123 megapixel limit"),  # our check
+    ((4000, 3000), "the video could not be decoded with frames of at most 0.0123"),  # FFmpeg
+])
+def test_frames_growing_mid_stream_are_refused_while_decoding(big, message):
+    data = growing_mjpeg(big)
+    with pytest.raises(UploadError, match=rf"^grow\.mkv: {message}"):
+        load_video(UploadedFile("grow.mkv", data), max_pixels=64 * 48 * 4)
+    assert load_video(UploadedFile("grow.mkv", data)).frames_decoded == 6
 
 
 def test_a_playlist_renamed_mp4_is_refused_and_opens_nothing(tmp_path, target):

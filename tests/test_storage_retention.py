@@ -9,7 +9,7 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,7 @@ def test_age_limit_deletes_old_tracklets_finished_or_not(tmp_path):
     repo, run = new_repo(path)
     old = add_people(repo, run, 10) + add_people(repo, run, 5, first_track=10, finished=False)
     time.sleep(0.01)
-    boundary = datetime.now(timezone.utc)
+    boundary = datetime.now(UTC)
     time.sleep(0.01)
     new = add_people(repo, run, 5, first_track=15, finished=False)
     report = enforce_retention(repo, RetentionPolicy(max_age_days=2, max_bytes=None),
@@ -170,7 +170,7 @@ def test_identities_left_without_references_are_removed(tmp_path):
     repo, run = new_repo(path)
     t = add_people(repo, run, 8)  # t[0..4] old, deleted below
     time.sleep(0.01)
-    boundary = datetime.now(timezone.utc)
+    boundary = datetime.now(UTC)
     time.sleep(0.01)
     t += add_people(repo, run, 5, first_track=8)  # t[8..12] stay
     gone = repo.open_identity(t[0])  # its members all expire
@@ -230,15 +230,14 @@ def test_a_file_without_incremental_vacuum_is_bounded_then_converted(tmp_path):
 def test_a_readonly_repository_cannot_enforce_retention(tmp_path):
     repo, run = new_repo(tmp_path / "k.db")
     add_people(repo, run, 1)
-    with open_repository(repo._url, readonly=True) as reader:
-        with pytest.raises(ReadOnlyError):
-            enforce_retention(reader, RetentionPolicy(max_age_days=1, max_bytes=None))
+    with open_repository(repo._url, readonly=True) as reader, pytest.raises(ReadOnlyError):
+        enforce_retention(reader, RetentionPolicy(max_age_days=1, max_bytes=None))
     repo.close()
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_age_days=0, max_bytes=None),
-                                    dict(max_age_days=None, max_bytes=-1),
-                                    dict(max_age_days=None, max_bytes=1, batch_tracklets=0)])
+@pytest.mark.parametrize("kwargs", [{"max_age_days": 0, "max_bytes": None},
+                                    {"max_age_days": None, "max_bytes": -1},
+                                    {"max_age_days": None, "max_bytes": 1, "batch_tracklets": 0}])
 def test_policy_values_are_checked(kwargs):
     with pytest.raises(ValueError):
         RetentionPolicy(**kwargs)
