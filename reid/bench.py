@@ -5,22 +5,32 @@ and GMAC per clip for the optimised inference (only what the descriptor needs), 
 straightforward one (every token through the global and part blocks) and the bare timm
 backbone, so the price of the part branch is visible. MACs are counted with torch's
 FlopCounterMode (attention through the math kernel so its matmuls are counted too).
+
+On the CPU it also times the same optimised graph exported to ONNX (`reid.export`) under each
+installed runtime (ONNX Runtime, OpenVINO), with the same thread count as torch, one column
+group per runtime; bf16 rows (`--cpu-bf16`) compare torch autocast with OpenVINO bf16.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .export import OnnxRunner, export_onnx
 from .model import KeyReID
 from .registry import build_model, list_models
 
 DEFAULT_VARIANTS = ("keyreid_vit_tiny", "keyreid_vit_small", "keyreid_vit_base", "vidtrans_vit_base")
+EXPORTED_RUNTIMES = ("onnxruntime", "openvino")
+SHORT = {"torch": "torch", "onnxruntime": "ort", "openvino": "ov"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,16 @@ def clips_per_second(model: KeyReID, batch: int, device: torch.device, autocast:
     return batch * repeats / (time.perf_counter() - start)
 
 
+def runner_clips_per_second(runner: OnnxRunner, model: KeyReID, batch: int, repeats: int) -> float:
+    """clips/s of an exported graph on the same inputs `clips_per_second` uses."""
+    frames, keypoints, cameras = (t.numpy() for t in example_clip(model, batch))
+    runner(frames, keypoints, cameras)  # warm-up (OpenVINO compiles a new batch shape here)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        runner(frames, keypoints, cameras)
+    return batch * repeats / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list_models())
@@ -86,29 +106,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per batch size")
     parser.add_argument("--cpu-bf16", action="store_true", help="also time bf16 autocast on the CPU")
+    parser.add_argument("--runtimes", nargs="*", choices=EXPORTED_RUNTIMES,
+                        default=[r for r in EXPORTED_RUNTIMES if importlib.util.find_spec(r) is not None],
+                        help="exported-graph runtimes timed on the CPU (default: those installed)")
+    parser.add_argument("--threads", type=int, help="torch and runtime threads (default: torch's count)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
 
+    runtimes = ["torch", *args.runtimes]
+    print(f"# clips/s (clips of 4 frames, 256x128), {threads} thread(s); columns <runtime>@<batch size>")
     header = f"{'variant':<20} {'device':<6} {'prec':<5} {'GMAC opt':>9} {'GMAC ref':>9} {'backbone':>9} {'opt/bb':>7}"
-    header += "".join(f" {'clips/s@' + str(b):>12}" for b in args.batch_sizes)
+    header += "".join(f" {SHORT[r] + '@' + str(b):>9}" for r in runtimes for b in args.batch_sizes)
     print(header)
     print("-" * len(header))
-    for name in args.variants:
-        model = build_model(name, seed=0).eval()
-        cost = cost_per_clip(model)
-        for device_name in args.devices:
-            device = torch.device(device_name)
-            model = model.to(device)
-            precisions = {"cpu": [("fp32", None)] + ([("bf16", torch.bfloat16)] if args.cpu_bf16 else [])}.get(
-                device.type, [("bf16", torch.bfloat16)]
-            )
-            for label, dtype in precisions:
-                rates = [clips_per_second(model, b, device, dtype, args.repeats) for b in args.batch_sizes]
-                print(
-                    f"{name:<20} {device.type:<6} {label:<5} {cost.optimised:>9.2f} {cost.reference:>9.2f} "
-                    f"{cost.backbone:>9.2f} {cost.ratio:>6.2f}x" + "".join(f" {r:>12.1f}" for r in rates),
-                    flush=True,
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.variants:
+            model = build_model(name, seed=0).eval()
+            cost = cost_per_clip(model)
+            graph = export_onnx(model, Path(scratch) / f"{name}.onnx") if args.runtimes else None
+            for device_name in args.devices:
+                device = torch.device(device_name)
+                model = model.to(device)
+                precisions = {"cpu": [("fp32", None)] + ([("bf16", torch.bfloat16)] if args.cpu_bf16 else [])}.get(
+                    device.type, [("bf16", torch.bfloat16)]
                 )
-        model.cpu()
+                for label, dtype in precisions:
+                    rates = [clips_per_second(model, b, device, dtype, args.repeats) for b in args.batch_sizes]
+                    for runtime in args.runtimes:
+                        if device.type != "cpu" or (label == "bf16" and runtime != "openvino"):
+                            rates += [None] * len(args.batch_sizes)  # that runtime has no such row
+                            continue
+                        runner = OnnxRunner(graph, runtime, threads=threads, precision=label)
+                        rates += [runner_clips_per_second(runner, model, b, args.repeats) for b in args.batch_sizes]
+                    print(
+                        f"{name:<20} {device.type:<6} {label:<5} {cost.optimised:>9.2f} {cost.reference:>9.2f} "
+                        f"{cost.backbone:>9.2f} {cost.ratio:>6.2f}x"
+                        + "".join(f" {'-' if r is None else f'{r:.1f}':>9}" for r in rates),
+                        flush=True,
+                    )
+            model.cpu()
+            if graph is not None:
+                graph.unlink()
 
 
 if __name__ == "__main__":
