@@ -365,6 +365,6 @@ def test_a_password_in_a_camera_url_appears_nowhere(tmp_path, weights):
             shown += "".join(frame.value.to_json() for frame in at.dataframe)
             assert secret not in shown
             if page == "overview":
-                assert "rtsp://admin:***@127.0.0.1" in shown  # the source is shown, redacted
+                assert "admin:***@127.0.0.1" in shown  # the source is shown, redacted
     finally:
         del os.environ["KEYREID_DASHBOARD_DB"], os.environ["KEYREID_TEST_SECRET"]
