@@ -9,8 +9,11 @@ tracker, stride / max_fps, torch threads, one process per camera in both cases):
    store and link, into a temporary database.
 
 It prints seconds of video processed per wall second (>= 1.0 keeps up with real time, per
-camera), the cost of each stage, and the ratio whole / detection-only. Model loading is not
-counted (both start their clocks at the first frame).
+camera), the cost of each stage, and the ratio whole / detection-only. Model loading and
+runtime exports are not counted (both start their clocks at the first frame).
+
+`--runtime torch openvino` measures each detector runtime in turn in the same run and prints
+them side by side (people per frame included, to show a faster runtime finds as many people).
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import CameraConfig, DetectorConfig, load_config
+from tracking.runtimes import resolve_runtime
+
+from .config import RUNTIMES, CameraConfig, DetectorConfig, WatchConfig, load_config
 from .watch import Watcher
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "cams.yaml"
@@ -55,12 +60,13 @@ def _detect_only(camera: CameraConfig, detector: DetectorConfig, max_frames: int
     elapsed = time.monotonic() - start
     video = frames[-1].time - frames[0].time + (frames[1].time - frames[0].time
                                                   if len(frames) > 1 else 0.0)
-    out.put((camera.id, len(frames), video, elapsed, people))
+    out.put((camera.id, len(frames), video, elapsed, people, tracker.runtime))
 
 
 def detection_baseline(cameras: tuple[CameraConfig, ...], detector: DetectorConfig,
-                       max_frames: int | None) -> dict[str, tuple[int, float, float, int]]:
-    """camera id -> (frames, video seconds, detect+track seconds, people found), run in parallel."""
+                       max_frames: int | None) -> dict[str, tuple[int, float, float, int, str]]:
+    """camera id -> (frames, video seconds, detect+track seconds, people found, runtime), run in
+    parallel."""
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     barrier = context.Barrier(len(cameras))
@@ -77,54 +83,101 @@ def detection_baseline(cameras: tuple[CameraConfig, ...], detector: DetectorConf
     return results
 
 
-def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int | None = None,
-              baseline: bool = True) -> str:
-    config = load_config(config_path)
+@dataclass
+class _Measured:
+    """One bench run at one detector runtime: per-stage ms per frame and the headline figures."""
+
+    runtime: str
+    stages_ms: dict[str, float]
+    video_per_wall: float
+    frames_per_camera_per_s: float
+    clips: int
+    tracklets: int
+    base_video_per_wall: float | None
+    ratio: float | None
+    people_per_frame: float | None
+    load: tuple[float, float]
+
+
+def _measure(config: WatchConfig, max_frames: int | None, baseline: bool) -> _Measured:
     cameras = config.enabled_cameras
-    lines = [f"# app.bench: {config_path}, {len(cameras)} camera(s), imgsz {config.detector.imgsz}, "
-             f"{config.detector.tracker}, max_fps {[c.max_fps for c in cameras]}, stride "
-             f"{[c.stride for c in cameras]}, encoder {config.reid.model}, "
-             f"cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start"]
+    load_start = os.getloadavg()[0]
     base = detection_baseline(cameras, config.detector, max_frames) if baseline else {}
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
         watch_config = replace(config, database=f"sqlite:///{Path(tmp) / 'bench.db'}")
         summary = Watcher(watch_config, max_frames=max_frames, status_stream=quiet).run()
     wall = summary.finished_at - (summary.first_frame_at or summary.finished_at)
-    video = {c: s.video_seconds for c, s in summary.cameras.items()}
     frames = sum(s.frames for s in summary.cameras.values())
-    total_video = sum(video.values())
-    per_camera = max(video.values()) if video else 0.0
+    per_camera = max((s.video_seconds for s in summary.cameras.values()), default=0.0)
     stages: dict[str, float] = {}
     for s in summary.cameras.values():
         for name, seconds in s.stages.items():
             stages[name] = stages.get(name, 0.0) + seconds
     stages.update(encode=summary.encode_seconds, store=summary.store_seconds,
                   link=summary.link_seconds)
-    lines += ["", "| stage | seconds (all cameras) | ms per frame | video s per stage s |",
-              "|---|---:|---:|---:|"]
-    for name, seconds in stages.items():
-        rate = f"{total_video / seconds:.1f}" if seconds > 0 else "-"
-        lines.append(f"| {name} | {seconds:.2f} | {1000 * seconds / max(frames, 1):.1f} | {rate} |")
-    lines += ["", f"whole pipeline: {frames} frames, {per_camera:.1f} s of video per camera in "
-              f"{wall:.1f} s wall -> {per_camera / wall:.2f} s of video per wall second per camera "
-              f"({'keeps up' if per_camera >= wall else 'does NOT keep up'} with real time); "
-              f"{summary.clips_stored} clips, {summary.tracklets} tracklets, "
-              f"{summary.identities} identities"]
+    runtime = ", ".join(sorted({v[4] for v in base.values()})) if base else \
+        resolve_runtime(config.detector.runtime, config.detector.device)[0]
+    measured = _Measured(
+        runtime=runtime, stages_ms={k: 1000 * v / max(frames, 1) for k, v in stages.items()},
+        video_per_wall=per_camera / wall if wall > 0 else 0.0,
+        frames_per_camera_per_s=frames / max(len(summary.cameras), 1) / wall if wall > 0 else 0.0,
+        clips=summary.clips_stored, tracklets=summary.tracklets, base_video_per_wall=None,
+        ratio=None, people_per_frame=None, load=(load_start, os.getloadavg()[0]))
     if base:
         base_wall = max(v[2] for v in base.values())
-        base_video = max(v[1] for v in base.values())
-        people = sum(v[3] for v in base.values()) / max(sum(v[0] for v in base.values()), 1)
-        lines.append(f"detection + tracking alone: {base_video:.1f} s of video per camera in "
-                     f"{base_wall:.1f} s -> {base_video / base_wall:.2f} s of video per wall second "
-                     f"({people:.1f} people per frame)")
-        lines.append(f"ratio whole / detection-only wall time: {wall / base_wall:.2f}x "
-                     f"(target <= 1.25x)")
-    worker_stages = {k: v for k, v in stages.items() if k in ("decode", "detect_track",
-                                                               "keypoints", "crop")}
-    if worker_stages:
-        limiting = max(worker_stages, key=worker_stages.get)
-        lines.append(f"limiting stage: {limiting}")
-    lines.append(f"load average at end: {os.getloadavg()[0]:.2f}")
+        measured.base_video_per_wall = max(v[1] for v in base.values()) / base_wall
+        measured.ratio = wall / base_wall
+        measured.people_per_frame = sum(v[3] for v in base.values()) / max(
+            sum(v[0] for v in base.values()), 1)
+    return measured
+
+
+def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int | None = None,
+              baseline: bool = True, runtimes: list[str] | None = None, imgsz: int | None = None,
+              max_fps: float | None = None, threads: int | None = None,
+              reid_runtime: str | None = None) -> str:
+    """The bench as a markdown report: one column per detector runtime, measured one after the
+    other in this run (so they share the machine's load); overrides apply to every column."""
+    config = load_config(config_path)
+    detector = replace(config.detector, **{k: v for k, v in (("imgsz", imgsz), ("threads", threads))
+                                           if v is not None})
+    cameras = tuple(replace(c, max_fps=max_fps) if max_fps is not None else c for c in config.cameras)
+    reid = replace(config.reid, runtime=reid_runtime) if reid_runtime else config.reid
+    config = replace(config, detector=detector, cameras=cameras, reid=reid)
+    enabled = config.enabled_cameras
+    lines = [f"# app.bench: {config_path}, {len(enabled)} camera(s), imgsz {detector.imgsz}, "
+             f"{detector.tracker}, max_fps {[c.max_fps for c in enabled]}, stride "
+             f"{[c.stride for c in enabled]}, threads {detector.threads} per camera, encoder "
+             f"{config.reid.model} (runtime {config.reid.runtime}), max frames {max_frames}, "
+             f"cpu count {os.cpu_count()}"]
+    results = [_measure(replace(config, detector=replace(detector, runtime=r)), max_frames, baseline)
+               for r in (runtimes or [detector.runtime])]
+    stage_names = list(dict.fromkeys(k for m in results for k in m.stages_ms))
+    lines += ["", "| ms per processed frame (all stages, summed over cameras) | "
+              + " | ".join(m.runtime for m in results) + " |",
+              "|---|" + "---:|" * len(results)]
+    lines += [f"| {name} | " + " | ".join(f"{m.stages_ms.get(name, 0.0):.1f}" for m in results) + " |"
+              for name in stage_names]
+
+    def row(label: str, values: list[float | None], spec: str = ".2f") -> str:
+        return f"| {label} | " + " | ".join("-" if v is None else format(v, spec) for v in values) + " |"
+
+    lines += [
+        row("**whole pipeline: s of video per wall s per camera**", [m.video_per_wall for m in results]),
+        row("processed frames per s per camera", [m.frames_per_camera_per_s for m in results], ".1f"),
+        row("detection + tracking alone: s of video per wall s", [m.base_video_per_wall for m in results]),
+        row("whole / detection-only wall time (target <= 1.25)", [m.ratio for m in results]),
+        row("people per frame (detection-only run)", [m.people_per_frame for m in results]),
+        row("clips stored", [m.clips for m in results], "d"),
+        row("tracklets", [m.tracklets for m in results], "d"),
+        "| load average (1 min) at start / end | "
+        + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in (m.load for m in results)) + " |",
+    ]
+    worker = [k for k in stage_names if k in ("decode", "detect_track", "keypoints", "crop")]
+    if worker:
+        lines.append("")
+        lines += [f"limiting stage with {m.runtime}: {max(worker, key=lambda k: m.stages_ms.get(k, 0.0))}"
+                  for m in results]
     return "\n".join(lines)
 
 
@@ -133,9 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cameras", default=str(DEFAULT_CONFIG), help="cams.yaml (default: the demo)")
     parser.add_argument("--max-frames", type=int, help="stop each camera at this source frame index")
     parser.add_argument("--no-baseline", action="store_true", help="skip detection-only timing")
+    parser.add_argument("--runtime", nargs="+", choices=RUNTIMES, dest="runtimes",
+                        help="detector runtime(s) to compare side by side (default: the config's)")
+    parser.add_argument("--imgsz", type=int, help="override detector.imgsz")
+    parser.add_argument("--max-fps", type=float, help="override every camera's max_fps")
+    parser.add_argument("--threads", type=int, help="override detector.threads (per camera)")
+    parser.add_argument("--reid-runtime", choices=RUNTIMES, help="override reid.runtime")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    print(run_bench(args.cameras, args.max_frames, baseline=not args.no_baseline))
+    print(run_bench(args.cameras, args.max_frames, baseline=not args.no_baseline,
+                    runtimes=args.runtimes, imgsz=args.imgsz, max_fps=args.max_fps,
+                    threads=args.threads, reid_runtime=args.reid_runtime))
     return 0
 
 
