@@ -11,6 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,8 @@ def camera_rows(repo: Repository, cameras: list[CameraRecord],
         "reason": c.status_reason or "",
         "restarts": c.restarts,
         "last frame (video time)": format_time(c.last_frame_time),
+        "last frame at": "–" if c.last_frame_wall_time is None else datetime.fromtimestamp(
+            c.last_frame_wall_time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "fps": None if c.fps is None else round(float(c.fps), 1),
         "frames processed": c.frames_processed,
         "tracklets": repo.count_tracklets(camera_ids=[c.id]),

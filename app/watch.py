@@ -47,6 +47,7 @@ DB_STATUS_INTERVAL_S = 2.0
 LOG_STATUS_INTERVAL_S = 10.0
 DEATH_GRACE_S = 1.0  # after a worker dies, how long its last complete messages may take to arrive
 OPERATOR_KINDS = ("merged", "split")
+RETENTION_SLICE_S = 2.0  # at most this long per retention call (it resumes at the next)
 
 EXIT_OK, EXIT_CAMERA_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -105,6 +106,9 @@ class _Camera:
 
 @dataclass
 class _Tracklet:
+    """A tracklet the main process is storing; times are capture wall-clock seconds (UTC), the
+    clock linking compares across cameras."""
+
     camera_id: str
     track_id: int
     first_time: float
@@ -378,7 +382,7 @@ class Watcher:
         thumbnail = thumbnail_jpeg(update.thumbnail)
         if tracklet is None:
             tracklet = self.tracklets[key] = _Tracklet(update.camera_id, update.track_id,
-                                                       update.first_time, update.last_time)
+                                                       update.first_wall_time, update.last_wall_time)
             self.counts["tracklets"] += 1
 
             def add(repo: Repository, t=tracklet, u=update, thumb=thumbnail) -> None:
@@ -395,7 +399,7 @@ class Watcher:
                                          thumbnail=thumb, finished=u.ended,
                                          last_wall_time=u.last_wall_time)
             self._spool(_Write(f"tracklet {update.camera_id}/{update.track_id}", extend))
-        tracklet.last_time = update.last_time
+        tracklet.last_time = update.last_wall_time
         tracklet.ended = tracklet.ended or update.ended
 
     def _encode_and_store(self) -> bool:
@@ -671,13 +675,21 @@ class Watcher:
         from storage import RetentionPolicy, enforce_retention
 
         max_bytes = None if policy.max_gb is None else int(policy.max_gb * 1e9)
-        try:
-            report = enforce_retention(self.repo, RetentionPolicy(policy.max_age_days, max_bytes))
+        try:  # a short slice per call: the cameras' writes never wait long behind it
+            report = enforce_retention(self.repo, RetentionPolicy(policy.max_age_days, max_bytes),
+                                       time_budget_s=RETENTION_SLICE_S)
         except StorageUnavailableError as exc:
             self._database_unavailable(str(exc), time.monotonic())
             return
+        for identity_id in report.deleted_identity_ids:
+            self.linker.identities.pop(identity_id, None)
         if report.tracklets_deleted:
-            LOG.info("retention: %s", report)
+            LOG.info("retention: deleted %d tracklets, %d clips, %d identities; database %.1f "
+                     "-> %.1f MB%s", report.tracklets_deleted, report.clips_deleted,
+                     report.identities_deleted, report.bytes_before / 1e6,
+                     report.bytes_after / 1e6,
+                     "" if report.reclaimable else " (space is reused, not returned: see "
+                     "README, retention)")
 
     def _status_line(self, recent: list[tuple[float, int]]) -> str:
         parts = []

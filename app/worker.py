@@ -184,8 +184,6 @@ class _Outbox:
         left half-written, with nothing after it, like a worker killed while sending.
         """
         payload = pickle.dumps(message)
-        self.out.put(Status(message.camera_id, 0, 0.0, 0.0, None, None, 0, 0, 0, 0, {}, None))
-        time.sleep(0.5)  # let the feeder thread deliver what is queued
         with self.out._wlock:  # noqa: SLF001 - the test hook must bypass the feeder thread
             os.write(self.out._writer.fileno(),  # noqa: SLF001
                      struct.pack("!i", len(payload)) + payload[: len(payload) // 2])

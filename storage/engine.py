@@ -27,6 +27,7 @@ from sqlalchemy.pool import QueuePool
 from .errors import StorageError
 
 BUSY_TIMEOUT_S = 10.0
+WAL_SIZE_LIMIT = 64 * 2**20
 
 
 def display_url(url: URL | str) -> str:
@@ -106,6 +107,9 @@ def _install_sqlite_listeners(engine: Engine, *, readonly: bool) -> None:
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute("PRAGMA synchronous = NORMAL")
                 cursor.execute("PRAGMA foreign_keys = ON")
+                # After a checkpoint the WAL file is truncated to this size, so a big clean-up
+                # (retention) cannot leave a WAL as large as what it deleted.
+                cursor.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         finally:
             cursor.close()
 

@@ -83,6 +83,7 @@ class Run(Base):
 
 class Identity(Base):
     __tablename__ = "identities"
+    __table_args__ = (Index("ix_identities_merged_into", "merged_into"),)  # v2
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     label: Mapped[str | None] = mapped_column(Text)
@@ -96,6 +97,7 @@ class Tracklet(Base):
         UniqueConstraint("run_id", "camera_id", "track_id", name="uq_tracklet_run_camera_track"),
         Index("ix_tracklets_camera_time", "camera_id", "first_time"),
         Index("ix_tracklets_time", "first_time"),
+        Index("ix_tracklets_created", "created_at"),  # v2: retention deletes oldest first
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
@@ -143,6 +145,7 @@ class LinkDecision(Base):
     __tablename__ = "link_decisions"
     __table_args__ = (
         CheckConstraint("kind IN ('new', 'linked', 'merged', 'split')", name="ck_link_kind"),
+        Index("ix_link_decisions_candidate", "candidate_identity_id"),  # v2
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tracklet_id: Mapped[int] = mapped_column(ForeignKey("tracklets.id"), index=True)
@@ -175,6 +178,11 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "tracklets", {"first_wall_time": "FLOAT", "last_wall_time": "FLOAT",
                                      "end_reason": "TEXT"})
     _add_columns(conn, "clips", {"start_wall_time": "FLOAT", "end_wall_time": "FLOAT"})
+    for name, table, column in (("ix_tracklets_created", "tracklets", "created_at"),
+                                ("ix_identities_merged_into", "identities", "merged_into"),
+                                ("ix_link_decisions_candidate", "link_decisions",
+                                 "candidate_identity_id")):
+        conn.exec_driver_sql(f"CREATE INDEX {name} ON {table} ({column})")
     # Per-clip thumbnails were never shown (the tracklet's thumbnail is): free their space.
     conn.exec_driver_sql("UPDATE clips SET thumbnail = NULL")
 

@@ -38,6 +38,9 @@ def _v1_database(path) -> None:
     """A database as release 1 wrote it: today's tables without the v2 columns, version 1."""
     open_repository(f"sqlite:///{path}").close()
     con = sqlite3.connect(path)
+    for index in ("ix_tracklets_created", "ix_identities_merged_into",
+                  "ix_link_decisions_candidate"):
+        con.execute(f"DROP INDEX {index}")
     for table, columns in V2_COLUMNS.items():
         for column in columns:
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
