@@ -368,3 +368,53 @@ def test_a_password_in_a_camera_url_appears_nowhere(tmp_path, weights):
                 assert "admin:***@127.0.0.1" in shown  # the source is shown, redacted
     finally:
         del os.environ["KEYREID_DASHBOARD_DB"], os.environ["KEYREID_TEST_SECRET"]
+
+
+def test_retention_shrinks_an_over_budget_database_while_the_watcher_writes(tmp_path, weights):
+    from storage import NewClip
+
+    db = tmp_path / "watch.db"
+    rng = np.random.default_rng(0)
+    with _open(db, readonly=False) as repo:  # ~29 MB of an earlier day's clips
+        run = repo.start_run({})
+        repo.upsert_camera("old")
+        for batch in range(30):
+            ids = [repo.add_tracklet(run, "old", batch * 100 + i, 0, 0.0, finished=True)
+                   for i in range(100)]
+            repo.add_clips([NewClip(t, [0, 1, 2, 3], 0.0, 1.0,
+                                    rng.standard_normal(4800).astype(np.float32), "old-model")
+                            for t in ids])
+        repo.finish_run(run)
+    size_before = db.stat().st_size
+    bus_video(tmp_path / "bus.mkv", 60)
+    config = watcher_config(tmp_path, weights, HALVES)
+    config.write_text(config.read_text() + "retention: {max_gb: 0.01, interval: 1}\n")
+    os.environ["KEYREID_DASHBOARD_DB"] = f"sqlite:///{db}"
+    try:
+        process = run_watcher(config, "--realtime", wait=False)
+        from streamlit.testing.v1 import AppTest
+        pages = 0
+        while process.poll() is None:  # the dashboard keeps working beside both writers
+            at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=60)
+            at.run()
+            assert not at.exception, at.exception
+            pages += 1
+        process.wait(timeout=240)
+    finally:
+        del os.environ["KEYREID_DASHBOARD_DB"]
+        if process.poll() is None:
+            process.kill()
+    log = process.log.read_text()
+    assert process.returncode == 0, log[-3000:]
+    assert "retention: deleted" in log and pages >= 2
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    used = (con.execute("PRAGMA page_count").fetchone()[0]
+            - con.execute("PRAGMA freelist_count").fetchone()[0]) * \
+        con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    assert used <= 0.01e9 * 1.1 and db.stat().st_size < size_before / 2
+    _assert_sound(db)
+    with _open(db) as repo:
+        assert repo.count_tracklets(camera_ids=["left", "right"]) >= 2  # the newest are kept
+        assert repo.count_tracklets(camera_ids=["old"]) < 3000

@@ -207,3 +207,24 @@ def test_keypoints_to_crop_exact_scaling():
     mapped = keypoints_to_crop(keypoints, (10, 20, 30, 60), (80, 40))
     np.testing.assert_allclose(mapped[0, :2], (-0.5, -0.5))
     np.testing.assert_allclose(mapped[1, :2], (39.5, 79.5))
+
+
+def test_clips_carry_their_boxes_and_wall_times_and_a_long_run_keeps_no_state():
+    """Tracks that end exactly on a clip boundary (no final clip) used to leave their boxes
+    behind in the worker; clips now carry their own boxes, and nothing outlives a track."""
+    buffer = TrackletBuffer("cam", clip_length=4, window=8, overlap=0, lost_after=2)
+    clips, largest = [], 0
+    for index in range(3000):
+        track = index // 10  # each track is seen for 8 frames then lost: one clip, no tail
+        visible = [person(track, x=20 + 5 * (index % 10))] if index % 10 < 8 else []
+        image = frame(index)
+        image = VideoFrame(image.index, image.time, image.image, wall_time=1.8e9 + index / 10)
+        clips += buffer.update(image, visible)
+        buffer.pop_tracklet_updates()
+        largest = max(largest, buffer.active_tracks)
+    assert largest <= 2 and buffer.active_tracks == 0 and not buffer._tracks
+    assert len(clips) == 300 and not any(c.final for c in clips)
+    first = clips[0]
+    assert first.boxes.shape == (4, 4) and first.boxes.dtype == np.float32
+    np.testing.assert_allclose(first.boxes[:, 0], [20 + 5 * i for i in first.frame_indices])
+    assert first.wall_times == tuple(1.8e9 + i / 10 for i in first.frame_indices)
