@@ -337,6 +337,7 @@ def test_a_password_in_a_camera_url_appears_nowhere(tmp_path, weights):
     log = result.stdout + result.stderr
     assert "reconnecting in" in log and "admin:***@" in log
     assert secret not in log
+    assert "did not stop within" not in log  # the stop reached the cameras' reconnect backoff
     con = sqlite3.connect(tmp_path / "watch.db")
     for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
         for row in con.execute(f"SELECT * FROM {table}"):
