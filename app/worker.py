@@ -372,6 +372,7 @@ class _CameraRun:
         finally:
             done.set()
             self.source.stop()
+            heartbeat.join(timeout=2 * STATUS_INTERVAL_S)  # `Finished` must be the last message
         self._finish_tracks()
         return ("stopped" if self.stop.is_set() else "finished"), None
 
