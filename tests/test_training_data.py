@@ -304,3 +304,19 @@ def test_validation_split_holds_out_training_identities(tmp_path):
     assert held <= {r.frames for r in ds.train}
     for q in val.query:
         assert any(g.pid == q.pid and g.camid != q.camid for g in val.gallery)
+
+
+def test_swapped_families_share_one_palette_in_different_places(tmp_path):
+    from training.synthetic import SWAPPED_GARMENTS, make_identities
+
+    config = SyntheticConfig(num_ids=12, family_size=6, families="swapped")
+    identities = make_identities(config, np.random.default_rng(0))
+    for family in (identities[:6], identities[6:]):
+        palettes = [frozenset(getattr(look, g) for g in SWAPPED_GARMENTS) for look, _ in family]
+        assert len(set(palettes)) == 1 and len(palettes[0]) == 3  # the same three colours
+        assert len({tuple(getattr(look, g) for g in SWAPPED_GARMENTS) for look, _ in family}) == 6  # all placements
+        assert len({(look.skin, look.hair, look.shoes) for look, _ in family}) == 1
+    dataset = build_dataset("synthetic", tmp_path / "swapped", **{**SMALL, "families": "swapped"})
+    assert dataset.num_train_pids == 4 and dataset.query
+    with pytest.raises(ValueError, match="family_size must be <= 6"):
+        SyntheticConfig(num_ids=16, family_size=8, families="swapped")

@@ -10,6 +10,10 @@ noise, and writes the exact keypoints into the `groundtruth` keypoint cache.
 Keypoint guidance is made to matter: identities come in *families* that share hair, skin,
 shirt, shoes and body proportions and differ in ONE body part only (trousers, sleeves or hair).
 A global descriptor sees near-identical people; a part-aware one can look at the right place.
+`families="swapped"` goes further: the members of a family share one palette of three colours
+and differ only in which garment (shirt, sleeves, trousers) wears which, so no colour tells them
+apart, only where it is: the set on which a global-only model should fail and parts should be
+necessary (not yet shown by a multi-seed run, see the README).
 
 Frames are 128x64 by default (iLIDS-VID's native size, a quarter of MARS's 256x128): enough
 pixels for every part to be several pixels wide, and 4x cheaper to write, read and train on
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import itertools
 import json
 import shutil
 import tempfile
@@ -35,6 +40,8 @@ from training.records import keypoint_cache_path
 
 LAYOUTS: tuple[str, ...] = ("mars", "ilidsvid")
 VARYING_PARTS: tuple[str, ...] = ("trousers", "sleeves", "hair")
+FAMILY_MODES: tuple[str, ...] = ("one_part", "swapped")
+SWAPPED_GARMENTS: tuple[str, ...] = ("shirt", "sleeves", "trousers")
 MARKER = "synthetic.json"
 _K = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
 
@@ -46,6 +53,7 @@ class SyntheticConfig:
     layout: str = "mars"
     num_ids: int = 64
     family_size: int = 4
+    families: str = "one_part"  # or "swapped" (see the module docstring)
     num_cameras: int = 3  # iLIDS-VID layout always uses 2
     tracklets_per_camera: int = 2  # per identity (iLIDS-VID layout: 1)
     min_frames: int = 12
@@ -59,6 +67,10 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"synthetic layout {self.layout!r} not in {LAYOUTS}")
+        if self.families not in FAMILY_MODES:
+            raise ValueError(f"families={self.families!r} not in {FAMILY_MODES}")
+        if self.families == "swapped" and self.family_size > 6:
+            raise ValueError("families='swapped' permutes three colours: family_size must be <= 6")
         if self.num_ids < 2 * self.family_size or self.num_ids % self.family_size:
             raise ValueError(f"num_ids ({self.num_ids}) must be a multiple of family_size "
                              f"({self.family_size}) with at least two families")
@@ -129,6 +141,13 @@ def make_identities(config: SyntheticConfig, rng: np.random.Generator) -> list[t
     identities = []
     for _ in range(config.num_ids // config.family_size):
         base = _random_appearance(rng)
+        if config.families == "swapped":
+            colours = _distinct_colours(rng, len(SWAPPED_GARMENTS))
+            orders = list(itertools.permutations(range(len(SWAPPED_GARMENTS))))
+            for choice in rng.permutation(len(orders))[:config.family_size]:
+                worn = {garment: colours[i] for garment, i in zip(SWAPPED_GARMENTS, orders[choice])}
+                identities.append((dataclasses.replace(base, stripes=None, **worn), "swapped"))
+            continue
         part = VARYING_PARTS[int(rng.integers(len(VARYING_PARTS)))]
         for colour in _distinct_colours(rng, config.family_size):
             identities.append((dataclasses.replace(base, **{part: colour}), part))
