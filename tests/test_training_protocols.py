@@ -102,6 +102,11 @@ def test_mars_community_and_official_protocols(mars_root, tmp_path):
     assert report["splits"][0]["mAP"] == pytest.approx(second["test"]["mAP"])
     with pytest.raises(ValueError, match="drop gallery="):
         evaluate.protocol_options("mars", "official", {"gallery": "community"})
+    # bf16 descriptors are checked against fp32 on a sample of queries, and the report says so.
+    bf16 = evaluate.evaluate_checkpoints(str(tmp_path / "community" / "best.pt"), "mars", mars_root, device="cpu",
+                                         progress=False, amp="bf16")
+    assert bf16["precision"] == "bfloat16" and 0.0 < bf16["splits"][0]["precision_check"] < 0.1
+    assert "bfloat16 descriptors" in evaluate.format_report(bf16)
 
 
 def test_keypoint_guided_training_refuses_data_without_keypoints(mars_root, tmp_path):
