@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import datetime, timedelta, timezone
 
 import altair as alt
 import streamlit as st
@@ -26,6 +27,7 @@ from app.dashboard_data import (
     choose_encoder,
     distance_scale,
     format_time,
+    is_wall_clock,
     merge_identities,
     open_readonly,
     search_by_descriptor,
@@ -230,7 +232,7 @@ def tracklet_page(repo: Repository, index: GalleryIndex | None, cameras, filters
             for start in range(0, len(page), 3):
                 for column, t in zip(st.columns(3), page[start:start + 3]):
                     with column:
-                        show_image(t.thumbnail, f"{format_time(t.first_time)} · #{t.id}")
+                        show_image(t.thumbnail, f"{format_time(t.first_seen)} · #{t.id}")
                         st.button("Search", key=f"pick_{t.id}", on_click=select_tracklet,
                                   args=(t.id,), type="primary" if t.id == chosen else "secondary",
                                   width="stretch")
@@ -248,7 +250,7 @@ def tracklet_page(repo: Repository, index: GalleryIndex | None, cameras, filters
             show_image(query.thumbnail, "query")
         top[1].markdown(
             f"**Query: tracklet {query.id}**, camera {names.get(query.camera_id, query.camera_id)}"
-            f", {format_time(query.first_time)} – {format_time(query.last_time)}, identity "
+            f", {format_time(query.first_seen)} – {format_time(query.last_seen)}, identity "
             f"{query.identity_id if query.identity_id else '–'}")
         k, max_distance = result_controls(index, "tracklet")
         others = [c for c in filters["cameras"] if c != query.camera_id]
@@ -355,10 +357,15 @@ def identity_page(repo: Repository, settings: DashboardSettings, cameras) -> Non
                 f"({', '.join(names.get(c, c) for c in identity.camera_ids) or '–'}), "
                 f"{format_time(identity.first_time)} – {format_time(identity.last_time)}")
     if members:
-        rows = [{"camera": names.get(t.camera_id, t.camera_id), "from": t.first_time,
-                 "to": max(t.last_time, t.first_time + 0.5), "tracklet": t.id} for t in members]
+        wall = is_wall_clock(members[0].first_seen)
+        scale = 1000.0 if wall else 1.0  # Vega-Lite reads temporal values as epoch milliseconds
+        rows = [{"camera": names.get(t.camera_id, t.camera_id), "from": t.first_seen * scale,
+                 "to": max(t.last_seen, t.first_seen + 0.5) * scale, "tracklet": t.id}
+                for t in members]
+        axis = alt.X("from:T", title="time (UTC)") if wall else alt.X("from:Q",
+                                                                       title="video time (s)")
         chart = (alt.Chart(alt.Data(values=rows)).mark_bar(height=14)
-                 .encode(x=alt.X("from:Q", title="video time (s)"), x2="to:Q",
+                 .encode(x=axis, x2="to",
                          y=alt.Y("camera:N", title=None), color=alt.Color("camera:N", legend=None),
                          tooltip=["tracklet:Q", "camera:N", "from:Q", "to:Q"]))
         st.altair_chart(chart, width="stretch")
@@ -368,8 +375,8 @@ def identity_page(repo: Repository, settings: DashboardSettings, cameras) -> Non
             for start in range(0, len(seen), GRID_COLUMNS):
                 for column, t in zip(st.columns(GRID_COLUMNS), seen[start:start + GRID_COLUMNS]):
                     with column:
-                        show_image(t.thumbnail, f"{format_time(t.first_time)} – "
-                                                f"{format_time(t.last_time)} · #{t.id}")
+                        show_image(t.thumbnail, f"{format_time(t.first_seen)} – "
+                                                f"{format_time(t.last_seen)} · #{t.id}")
     st.subheader("Linking decisions")
     decisions = repo.link_decisions(identity_id=identity_id)
     if decisions:
@@ -424,7 +431,15 @@ def sidebar_filters(repo: Repository, cameras) -> dict:
     chosen = st.sidebar.multiselect("Cameras", ids, default=ids, key="filter_cameras")
     bounds = time_bounds(repo, cameras)
     time_range = None
-    if bounds is not None and bounds[1] > bounds[0]:
+    if bounds is not None and bounds[1] > bounds[0] and is_wall_clock(bounds[0]):
+        low, high = (datetime.fromtimestamp(b, timezone.utc).replace(tzinfo=None, microsecond=0)
+                     for b in bounds)
+        picked = st.sidebar.slider("Time (UTC)", min_value=low, max_value=high + timedelta(
+            seconds=1), value=(low, high + timedelta(seconds=1)), step=timedelta(seconds=1),
+            format="YYYY-MM-DD HH:mm:ss", key="filter_time")
+        if picked != (low, high + timedelta(seconds=1)):
+            time_range = tuple(p.replace(tzinfo=timezone.utc).timestamp() for p in picked)
+    elif bounds is not None and bounds[1] > bounds[0]:
         picked = st.sidebar.slider("Video time (s)", min_value=bounds[0], max_value=bounds[1],
                                    value=bounds, step=1.0, key="filter_time")
         if picked != bounds:

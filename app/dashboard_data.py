@@ -92,10 +92,20 @@ def open_readonly(url: str) -> Repository:
         raise DashboardError(str(exc)) from None
 
 
+WALL_CLOCK_AFTER = 1e8  # larger times are capture wall-clock (epoch seconds), smaller video time
+
+
+def is_wall_clock(seconds: float) -> bool:
+    return seconds >= WALL_CLOCK_AFTER
+
+
 def format_time(seconds: float | None) -> str:
-    """Video time as h:mm:ss.s ('–' when unknown)."""
+    """A time of the repository's axis: wall-clock as a UTC date and time, video time (rows
+    written before wall-clock times were recorded) as h:mm:ss.s; '–' when unknown."""
     if seconds is None or not math.isfinite(seconds):
         return "–"
+    if is_wall_clock(seconds):
+        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     whole = int(seconds)
     tenths = int(round((seconds - whole) * 10))
     if tenths == 10:
@@ -108,8 +118,10 @@ def time_bounds(repo: Repository, cameras: list[CameraRecord]) -> tuple[float, f
     first = repo.list_tracklets(limit=1)
     if not first:
         return None
-    start = first[0].first_time
-    ends = [c.last_frame_time for c in cameras if c.last_frame_time is not None]
+    start = first[0].first_seen
+    ends = [c.last_frame_wall_time if is_wall_clock(start) else c.last_frame_time
+            for c in cameras]
+    ends = [e for e in ends if e is not None]
     buckets = repo.activity(bucket_seconds=1.0)
     if buckets:
         ends.append(buckets[-1].start + 1.0)
@@ -131,9 +143,8 @@ def camera_rows(repo: Repository, cameras: list[CameraRecord],
         "status": c.status or "–",
         "reason": c.status_reason or "",
         "restarts": c.restarts,
+        "last frame at": format_time(c.last_frame_wall_time),
         "last frame (video time)": format_time(c.last_frame_time),
-        "last frame at": "–" if c.last_frame_wall_time is None else datetime.fromtimestamp(
-            c.last_frame_wall_time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "fps": None if c.fps is None else round(float(c.fps), 1),
         "frames processed": c.frames_processed,
         "tracklets": repo.count_tracklets(camera_ids=[c.id]),

@@ -65,6 +65,15 @@ class TrackletRecord:
     last_wall_time: float | None = None
     end_reason: str | None = None
 
+    @property
+    def first_seen(self) -> float:
+        """On the repository's time axis: wall-clock time when recorded, else stream time."""
+        return self.first_time if self.first_wall_time is None else self.first_wall_time
+
+    @property
+    def last_seen(self) -> float:
+        return self.last_time if self.last_wall_time is None else self.last_wall_time
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ClipRecord:
@@ -148,7 +157,7 @@ class RepairReport:
 
 @dataclass(frozen=True, slots=True)
 class ActivityBucket:
-    """Number of tracklets whose first_time falls in [start, start + bucket_seconds)."""
+    """Number of tracklets first seen in [start, start + bucket_seconds) (see `first_seen`)."""
 
     start: float
     count: int

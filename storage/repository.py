@@ -68,6 +68,12 @@ from .schema import (
 from .search import GalleryIndex
 
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+# The time axis of filters, listings, timelines and search: the capture wall-clock time where
+# the watcher recorded it (schema v2, comparable across cameras and runs), else stream time.
+_FIRST_SEEN = func.coalesce(Tracklet.first_wall_time, Tracklet.first_time)
+_LAST_SEEN = func.coalesce(Tracklet.last_wall_time, Tracklet.last_time)
+_CLIP_START = func.coalesce(Clip.start_wall_time, Clip.start_time)
+_CLIP_END = func.coalesce(Clip.end_wall_time, Clip.end_time)
 _CAMERA_STATUS_FIELDS = ("status", "status_reason", "last_frame_time", "last_frame_index",
                          "last_frame_wall_time", "fps", "frames_processed", "reconnects",
                          "restarts")
@@ -356,7 +362,7 @@ class Repository:
             conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
         if time_range is not None:
             start, end = time_range
-            conditions += [Tracklet.first_time <= end, Tracklet.last_time >= start]
+            conditions += [_FIRST_SEEN <= end, _LAST_SEEN >= start]
         if identity_id is not None:
             conditions.append(Tracklet.identity_id == identity_id)
         if run_id is not None:
@@ -370,13 +376,13 @@ class Repository:
                        identity_id: int | None = None, *, run_id: int | None = None,
                        finished: bool | None = None, offset: int = 0, limit: int | None = None,
                        thumbnails: bool = False) -> list[TrackletRecord]:
-        """Tracklets ordered by (first_time, id). A time range keeps tracklets overlapping it.
+        """Tracklets ordered by first seen, then id. A time range keeps tracklets overlapping it.
 
         Thumbnails are loaded only when asked for, so listing many tracklets stays cheap.
         """
         conditions = self._tracklet_filter(camera_ids, time_range, identity_id, run_id, finished)
         query = (select(Tracklet).where(*conditions)
-                 .order_by(Tracklet.first_time, Tracklet.id).offset(offset).limit(limit))
+                 .order_by(_FIRST_SEEN, Tracklet.id).offset(offset).limit(limit))
         with self._read() as s:
             return [_tracklet_record(t, thumbnails) for t in s.scalars(query)]
 
@@ -400,7 +406,7 @@ class Repository:
         """Tracklets started per time bucket (video seconds), for a timeline; empty buckets omitted."""
         if bucket_seconds <= 0:
             raise ValueError(f"bucket_seconds must be > 0, got {bucket_seconds}")
-        ratio = Tracklet.first_time / bucket_seconds
+        ratio = _FIRST_SEEN / bucket_seconds
         # SQLite may lack floor(); CAST truncates, which equals floor for video times >= 0.
         sqlite = self._engine.dialect.name == "sqlite"
         bucket = cast(ratio, Integer) if sqlite else func.floor(ratio)
@@ -623,8 +629,8 @@ class Repository:
         ids = [i.id for i in identities]
         summary = {
             iid: (n, t0, t1) for iid, n, t0, t1 in s.execute(
-                select(Tracklet.identity_id, func.count(Tracklet.id), func.min(Tracklet.first_time),
-                       func.max(Tracklet.last_time))
+                select(Tracklet.identity_id, func.count(Tracklet.id), func.min(_FIRST_SEEN),
+                       func.max(_LAST_SEEN))
                 .where(Tracklet.identity_id.in_(ids)).group_by(Tracklet.identity_id))
         }
         cameras: dict[int, list[str]] = {}
@@ -695,9 +701,10 @@ class Repository:
         if camera_ids is not None:
             conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
         if time_range is not None:
-            conditions += [Clip.start_time <= time_range[1], Clip.end_time >= time_range[0]]
-        query = (select(Clip.id, Clip.tracklet_id, Tracklet.camera_id, Clip.start_time,
-                        Clip.end_time, Clip.descriptor, Clip.descriptor_dtype, Clip.descriptor_dim)
+            conditions += [_CLIP_START <= time_range[1], _CLIP_END >= time_range[0]]
+        query = (select(Clip.id, Clip.tracklet_id, Tracklet.camera_id,
+                        _CLIP_START.label("start_time"), _CLIP_END.label("end_time"),
+                        Clip.descriptor, Clip.descriptor_dtype, Clip.descriptor_dim)
                  .join(Tracklet, Tracklet.id == Clip.tracklet_id).where(*conditions)
                  .order_by(Clip.id).execution_options(yield_per=batch_rows))
         meta: list[tuple] = []
@@ -722,7 +729,8 @@ class Repository:
             for start in range(0, len(tracklet_ids), 30_000):
                 chunk = tracklet_ids[start:start + 30_000]
                 for t in s.execute(select(Tracklet.id, Tracklet.camera_id, Tracklet.track_id,
-                                          Tracklet.first_time, Tracklet.last_time,
+                                          _FIRST_SEEN.label("first_time"),
+                                          _LAST_SEEN.label("last_time"),
                                           Tracklet.identity_id).where(Tracklet.id.in_(chunk))):
                     tracklets[t.id] = (t.camera_id, t.track_id, t.first_time, t.last_time,
                                        t.identity_id)

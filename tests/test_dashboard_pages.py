@@ -302,3 +302,40 @@ def test_newer_schema_is_refused_untouched(gallery, monkeypatch):
     assert not at.exception
     assert "schema version" in at.error[0].value and "did not open it" in at.error[0].value
     assert file_state(gallery.path) == before
+
+
+def test_wall_clock_times_are_the_time_axis(tmp_path, monkeypatch):
+    """Rows written with capture wall-clock times are shown, filtered and charted in UTC."""
+    url = f"sqlite:///{tmp_path / 'wall.db'}"
+    day = 1_798_000_000.0  # 2026-12-23 UTC
+    rng = np.random.default_rng(1)
+    with open_repository(url) as repo:
+        run = repo.start_run({})
+        for camera in ("gate", "hall"):
+            repo.upsert_camera(camera)
+            repo.update_camera_status(camera, status="running", last_frame_time=8.0,
+                                      last_frame_wall_time=day + 300.0)
+        identity = None
+        for order, camera in enumerate(("gate", "hall")):
+            start = day + 120.0 * order
+            tid = repo.add_tracklet(run, camera, 1, 0, 2.0, last_frame=40, last_time=6.0,
+                                    finished=True, first_wall_time=start,
+                                    last_wall_time=start + 4.0, thumbnail=thumbnail(COLOURS[0]))
+            repo.add_clips([NewClip(tid, [1, 2, 3, 4], 2.0, 3.0,
+                                    rng.normal(size=DIM).astype(np.float32), MODEL_ID,
+                                    start_wall_time=start, end_wall_time=start + 1.0)])
+            identity = repo.open_identity(tid) if identity is None else \
+                repo.assign_identity(tid, identity, "linked", 0.4)
+        assert [t.camera_id for t in repo.list_tracklets(time_range=(day + 100, day + 200))] == \
+            ["hall"]
+        assert repo.gallery_index(time_range=(day - 1, day + 50)).size == 1
+        (summary,) = repo.list_identities()
+        assert (summary.first_time, summary.last_time) == (day, day + 124.0)
+    at = app_for(monkeypatch, url)
+    assert not at.exception
+    assert at.sidebar.slider[0].label == "Time (UTC)"
+    table = at.dataframe[0].value
+    assert list(table["last frame at"]) == ["2026-12-23 04:31:40 UTC"] * 2
+    at = app_for(monkeypatch, url, page="identity", identity=identity)
+    assert not at.exception
+    assert "2026-12-23 04:26:40 UTC – 2026-12-23 04:28:44 UTC" in texts(at)
