@@ -17,8 +17,8 @@ Departures from the released code (DESIGN.md §4), each kept as an option where 
 from __future__ import annotations
 
 import copy
-import logging
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -32,6 +32,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,20 @@ def transreid_to_timm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return backbone, extras
 
 
+def _checkpoint_grid(payload: dict[str, Any]) -> tuple[int, int]:
+    from .config import ModelConfig
+
+    return ModelConfig.from_dict(payload["config"]).grid_size
+
+
+def _resample_grid(state: dict[str, torch.Tensor], source: tuple[int, int], target: tuple[int, int]) -> None:
+    """Resample our checkpoints' position embedding from their own (non-square) patch grid:
+    timm can only guess a square source grid from the token count."""
+    if "pos_embed" in state and source != target:
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=target, old_size=source,
+                                                    num_prefix_tokens=1)
+
+
 def _timm_hub_state(name: str) -> dict[str, torch.Tensor]:
     """Weights of timm's pretrained `name`, downloaded through timm (Hugging Face hub)."""
     if not timm.list_pretrained(name):
@@ -162,6 +177,7 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path) -> LoadReport
         payload = read_weight_file(path)
         if isinstance(payload, dict) and payload.get("format") == KEYREID_FORMAT:
             state, extras = keyreid_to_timm(_unwrap(payload["state_dict"], text), len(backbone.blocks))
+            _resample_grid(state, _checkpoint_grid(payload), tuple(backbone.patch_embed.grid_size))
             kind = "keyreid-checkpoint"
         else:
             state = _unwrap(payload, text)

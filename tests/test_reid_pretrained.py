@@ -84,6 +84,17 @@ def test_our_checkpoint_initialises_the_whole_model_but_the_classifiers(tmp_path
     assert different == ["global_neck.classifier.weight"] + [f"part_necks.{k}.classifier.weight" for k in range(6)]
 
 
+def test_our_checkpoint_at_another_input_size_resamples_its_own_grid(tmp_path):
+    source = reid.build_model("keyreid_vit_tiny", seed=5, depth=2, img_size=(64, 32))  # 4 x 2 patches
+    save_checkpoint(source, tmp_path / "small.pt", "keyreid_vit_tiny")
+    model = reid.build_model("keyreid_vit_tiny", depth=2, img_size=(128, 64), pretrained=tmp_path / "small.pt")
+    assert model.backbone.pos_embed.shape == (1, 1 + 8 * 4, 192)
+    grid = model.backbone.pos_embed[0, 1:].reshape(8, 4, 192)
+    corner = source.backbone.pos_embed[0, 1].detach()  # the top-left patch stays top-left
+    assert (grid[0, 0] - corner).norm() < (grid[-1, -1] - corner).norm()
+    assert torch.equal(model.backbone.cls_token, source.backbone.cls_token)
+
+
 def test_timm_download_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="offline"):
