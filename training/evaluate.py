@@ -41,6 +41,7 @@ from reid.checkpoints import load_model
 from reid.model import KeyReID
 from training.datasets import build_dataset
 from training.metrics import AP_MODES, evaluate_ranking, mean_per_tracklet
+from training.packed import frame_reader
 from training.records import KEYPOINT_BACKENDS, Dataset, TrackletRecord
 from training.transforms import ClipDataset, collate_clips, limit_worker_threads
 
@@ -258,7 +259,8 @@ def evaluate_checkpoints(checkpoint: str, dataset: str, root: str | Path, split:
         data = load_dataset(dataset, root, backend, split_index, dataset_options)
         model.to(torch_device)
         scores = evaluate_model(model, data, torch_device, batch_size, workers, amp_dtype, progress,
-                                label=f"split {split_index}" if split_index is not None else "test", ap_mode=ap_mode)
+                                label=f"split {split_index}" if split_index is not None else "test", ap_mode=ap_mode,
+                                frames=frame_reader(root))  # packed shards when <root>/packed exists
         per_split.append({"split": split_index, "checkpoint": str(path), **scores.as_dict(),
                           "num_query": scores.num_query, "num_gallery": scores.num_gallery,
                           "skipped_queries": scores.num_skipped_queries, "precision_check": scores.precision_check})
