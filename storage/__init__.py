@@ -30,6 +30,7 @@ from .repository import DEFAULT_URL, Repository, open_repository
 from .retention import RetentionPolicy, RetentionReport, enforce_retention
 from .schema import SCHEMA_VERSION
 from .search import GalleryIndex, nearest
+from .similarity import describe, distances, similarity_percent, tracklet_descriptor, unit
 
 __all__ = [
     "DEFAULT_URL",
@@ -56,8 +57,13 @@ __all__ = [
     "StorageUnavailableError",
     "TrackletRecord",
     "WriterLockedError",
+    "describe",
+    "distances",
     "enforce_retention",
     "nearest",
     "open_repository",
+    "similarity_percent",
+    "tracklet_descriptor",
+    "unit",
     "validate_database_url",
 ]
