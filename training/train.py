@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-missing-keypoints", action="store_true",
                         help="train a keypoint-guided model although more than 2%% of tracklets lack keypoints")
     parser.add_argument("--data-format", default=defaults.data_format, choices=DATA_FORMATS,
-                        help="frames from files, from packed shards (python -m training.pack), or auto")
+                        help="frames from files, from packed shards (python -m training.packed), or auto")
     parser.add_argument("--no-persistent-workers", action="store_true",
                         help="restart loader workers every epoch (exactly resumable with workers > 0)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
