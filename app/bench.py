@@ -21,6 +21,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -97,15 +98,25 @@ class _Measured:
     ratio: float | None
     people_per_frame: float | None
     load: tuple[float, float]
+    cpu_per_frame: float  # CPU seconds (all processes, start-up included) per processed frame
+    cpu_bound_video_per_wall: float  # what the cores could do if this run had them to itself
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished (joined) children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _measure(config: WatchConfig, max_frames: int | None, baseline: bool) -> _Measured:
     cameras = config.enabled_cameras
     load_start = os.getloadavg()[0]
     base = detection_baseline(cameras, config.detector, max_frames) if baseline else {}
+    cpu_start = _cpu_seconds()
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
         watch_config = replace(config, database=f"sqlite:///{Path(tmp) / 'bench.db'}")
         summary = Watcher(watch_config, max_frames=max_frames, status_stream=quiet).run()
+    cpu = _cpu_seconds() - cpu_start
     wall = summary.finished_at - (summary.first_frame_at or summary.finished_at)
     frames = sum(s.frames for s in summary.cameras.values())
     per_camera = max((s.video_seconds for s in summary.cameras.values()), default=0.0)
@@ -122,7 +133,9 @@ def _measure(config: WatchConfig, max_frames: int | None, baseline: bool) -> _Me
         video_per_wall=per_camera / wall if wall > 0 else 0.0,
         frames_per_camera_per_s=frames / max(len(summary.cameras), 1) / wall if wall > 0 else 0.0,
         clips=summary.clips_stored, tracklets=summary.tracklets, base_video_per_wall=None,
-        ratio=None, people_per_frame=None, load=(load_start, os.getloadavg()[0]))
+        ratio=None, people_per_frame=None, load=(load_start, os.getloadavg()[0]),
+        cpu_per_frame=cpu / max(frames, 1),
+        cpu_bound_video_per_wall=(os.cpu_count() or 1) * per_camera / cpu if cpu > 0 else 0.0)
     if base:
         base_wall = max(v[2] for v in base.values())
         measured.base_video_per_wall = max(v[1] for v in base.values()) / base_wall
@@ -168,6 +181,10 @@ def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int |
         row("detection + tracking alone: s of video per wall s", [m.base_video_per_wall for m in results]),
         row("whole / detection-only wall time (target <= 1.25)", [m.ratio for m in results]),
         row("people per frame (detection-only run)", [m.people_per_frame for m in results]),
+        row("CPU s per processed frame, all processes (start-up included)",
+            [m.cpu_per_frame for m in results], ".3f"),
+        row(f"if the {os.cpu_count()} cores were ours: s of video per wall s per camera "
+            f"(cores x video s per camera / CPU s)", [m.cpu_bound_video_per_wall for m in results]),
         row("clips stored", [m.clips for m in results], "d"),
         row("tracklets", [m.tracklets for m in results], "d"),
         "| load average (1 min) at start / end | "

@@ -163,8 +163,10 @@ class PoseTracker:
 
     def warm_up(self, height: int, width: int) -> None:
         """Run once on a blank frame, then forget it: ultralytics builds its predictor (and sets
-        torch's thread count) on the first call, which would otherwise stall the first real frame."""
-        self.update(np.zeros((height, width, 3), dtype=np.uint8))
+        torch's thread count) on the first call, which would otherwise stall the first real frame.
+        An exported runtime runs twice: its thread-pinned recompile specialises on the second."""
+        for _ in range(1 if self.runtime == "torch" else 2):
+            self.update(np.zeros((height, width, 3), dtype=np.uint8))
         self.reset()
 
     def reset(self) -> None:
