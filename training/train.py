@@ -475,9 +475,9 @@ class Trainer:
                                   f"or choose another --out")
         if main:
             config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        log.info("%s\n%s\nkeypoints: %s (coverage %s), device: %s, amp: %s, ranks: %d", self.full.summary(),
-                 f"validation split:\n{self.val.summary()}" if self.val is not None else "no validation: all training ids",
-                 self.keypoints, self.coverage, self.device, self.amp_dtype, self.dist.world_size)
+            log.info("%s\n%s\nkeypoints: %s (coverage %s), device: %s, amp: %s, ranks: %d", self.full.summary(),
+                     f"validation split:\n{self.val.summary()}" if self.val is not None else "no validation: all training ids",
+                     self.keypoints, self.coverage, self.device, self.amp_dtype, self.dist.world_size)
         session_epochs = 0
         while self.epoch < config.last_epoch:
             if config.stop_after is not None and session_epochs >= config.stop_after:
@@ -505,8 +505,9 @@ class Trainer:
                 self.save_last()
                 write_metrics(self.history, self.run_dir / "metrics.csv")
                 write_plots(self.history, self.run_dir)
-            log.info("epoch %d/%d: %s", self.epoch, config.last_epoch,
-                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+            if main:  # losses are rank 0's share of the batch; validation is the same on every rank
+                log.info("epoch %d/%d: %s", self.epoch, config.last_epoch,
+                         ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         completed = self.epoch >= config.last_epoch
         if completed and self.val is None and main:
             save_checkpoint(self.model, self.run_dir / "final.pt", config.model, training=self._training_info())
