@@ -320,3 +320,16 @@ def test_swapped_families_share_one_palette_in_different_places(tmp_path):
     assert dataset.num_train_pids == 4 and dataset.query
     with pytest.raises(ValueError, match="family_size must be <= 6"):
         SyntheticConfig(num_ids=16, family_size=8, families="swapped")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_validation_queries_one_per_identity_and_camera_each_with_a_match(seed):
+    from training.records import Dataset, TrackletRecord, unmatched_queries
+
+    layout = {1: "AB", 2: "AABB", 3: "AAABC", 4: "AA"}  # tracklets per id, by camera letter
+    records = [TrackletRecord(frames=(f"{pid}-{n}.jpg",), pid=pid, camid="ABC".index(cam))
+               for pid, cams in layout.items() for n, cam in enumerate(cams)]
+    val = Dataset("constructed", records, [], [], num_cameras=3).validation_split(0.75, seed=seed)
+    # id 4 (one camera) can never be matched: it stays in training; ids 1-3 give 1 + 2 + 2 queries
+    assert sorted(r.pid for r in val.query) == [1, 2, 2, 3, 3] and unmatched_queries(val.query, val.gallery) == []
+    assert len(val.query) + len(val.gallery) == 11 and val.num_train_pids == 1

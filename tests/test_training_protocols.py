@@ -50,8 +50,9 @@ def test_every_validation_query_has_a_match_on_both_layouts(mars_root, ilids_roo
     mars = build_dataset("mars", mars_root, keypoints="groundtruth")
     for split_seed in range(5):
         val = mars.validation_split(0.25, seed=split_seed)
-        assert len(val.query) == 2 and unmatched_queries(val.query, val.gallery) == []
-        assert len({r.pid for r in val.query}) == len(val.query)  # one query per held-out id
+        # 2 held-out ids x 3 cameras x 2 tracklets: one query per id and camera, every one matched
+        assert len(val.query) == 6 and len(val.gallery) == 6 and unmatched_queries(val.query, val.gallery) == []
+        assert len({(r.pid, r.camid) for r in val.query}) == 6 and len({r.pid for r in val.query}) == 2
     held = [frozenset(r.frames for r in mars.validation_split(0.25, seed=s).query) for s in range(5)]
     assert len(set(held)) > 1  # the split seed chooses the held-out ids
     for split in range(10):  # all ten official splits read; one query camera, one tracklet per camera

@@ -85,11 +85,13 @@ class Dataset:
         """Hold out `fraction` of the TRAINING identities as a validation query/gallery for model
         selection (the test set is never looked at); the remaining ids are relabelled 0..N-1.
 
-        The protocol mirrors the benchmarks' test protocols: per held-out identity ONE tracklet
-        from one camera is the query (the dataset's `query_camera` when it has one, iLIDS-VID's
-        cam1; otherwise a camera drawn at random) and all its other tracklets go to the gallery.
-        Only identities seen by at least two cameras (one of them the query camera) are held
-        out, so every query has a valid match (same id, another camera): checked. `seed` is the
+        The protocol mirrors the benchmarks' test protocols. With a `query_camera` (iLIDS-VID:
+        cam1) each held-out identity gives one query from that camera and the rest go to the
+        gallery. Otherwise (MARS: one query per identity and camera) each held-out identity
+        gives one query tracklet per camera, cameras in random order, as long as every query
+        keeps a gallery match in another camera; its other tracklets are the gallery. Only
+        identities seen by at least two cameras (one of them the query camera) are held out,
+        so every query has a valid match (same id, another camera): checked. `seed` is the
         split seed (`--split-seed`), separate from the training seed."""
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
@@ -107,11 +109,18 @@ class Dataset:
         held_out = sorted(rng.choice(eligible, size=num_val, replace=False).tolist())
         query, gallery = [], []
         for pid in held_out:
-            indices = [i for i, r in enumerate(self.train) if r.pid == pid]
-            camera = self.query_camera if self.query_camera is not None else int(rng.choice(sorted(cameras_of[pid])))
-            chosen = int(rng.choice([i for i in indices if self.train[i].camid == camera]))
-            query.append(self.train[chosen])
-            gallery.extend(self.train[i] for i in indices if i != chosen)
+            remaining = [i for i, r in enumerate(self.train) if r.pid == pid]
+            cameras = [self.query_camera] if self.query_camera is not None else rng.permutation(sorted(cameras_of[pid]))
+            chosen: list[int] = []
+            for camera in cameras:
+                candidate = int(rng.choice([i for i in remaining if self.train[i].camid == camera]))
+                left = [i for i in remaining if i != candidate]
+                left_cameras = {self.train[i].camid for i in left}
+                if all(left_cameras - {self.train[q].camid} for q in chosen + [candidate]):
+                    chosen.append(candidate)
+                    remaining = left
+            query.extend(self.train[i] for i in chosen)
+            gallery.extend(self.train[i] for i in remaining)
         unmatched = unmatched_queries(query, gallery)
         if unmatched:
             raise RuntimeError(f"{self.name}: validation queries without a match: {unmatched[:5]}")
