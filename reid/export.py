@@ -9,7 +9,7 @@ A graph that does not use an input (no keypoints for `stripes`) may not declare 
 
 `cached_onnx` keeps one export per (weights, config, model code, torch version) in a cache
 folder, checksummed, so a watcher exports once and a changed checkpoint or model code never
-reuses a stale graph. Only torch is needed to export; running needs `openvino` or `onnxruntime`.
+reuses a stale graph (the few most recently used per model name are kept). Only torch is needed to export; running needs `openvino` or `onnxruntime`.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ INPUTS = ("frames", "keypoints", "camera_ids")
 OUTPUT = "descriptor"
 OPSET = 17
 EXPORT_LAYOUT = 1  # bump when the exported graph's contract changes
+KEEP_PER_MODEL = 4  # cached exports kept per model name, most recently used first
 CACHE_ENV = "KEYREID_CACHE"
 RUNTIME_PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 # The modules whose code shapes the graph: a change in any of them means a new export.
@@ -116,6 +117,7 @@ def cached_onnx(model: KeyReID, name: str, export_dir: str | os.PathLike | None 
         try:
             if json.loads(sidecar.read_text()).get("sha256") == _sha256(path):
                 log.info("encoder: reusing the ONNX export %s", path)
+                os.utime(path)  # most recently used: kept by `_prune`
                 return path
         except ValueError:
             pass
@@ -129,7 +131,17 @@ def cached_onnx(model: KeyReID, name: str, export_dir: str | os.PathLike | None 
         os.replace(staging, path)  # concurrent exporters write identical files; last one wins
     finally:
         Path(staging).unlink(missing_ok=True)
+    _prune(root, name)
     return path
+
+
+def _prune(root: Path, name: str) -> None:
+    """Keep the `KEEP_PER_MODEL` most recently used exports of `name`: every change of weights or
+    model code makes a new one, and a ViT-B graph is about 800 MB."""
+    exports = sorted(root.glob(f"{name}-*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in exports[KEEP_PER_MODEL:]:
+        stale.unlink(missing_ok=True)
+        stale.with_suffix(".json").unlink(missing_ok=True)
 
 
 def check_precision(runtime: str, precision: str) -> None:

@@ -197,6 +197,10 @@ def test_export_cache_reuses_rekeys_and_rebuilds(tmp_path, monkeypatch, caplog):
     assert len(made) == 3 and "corrupt" in caplog.text
     assert _relative(rebuilt.encode(frames, keypoints), reference) <= 1e-4
 
+    monkeypatch.setattr(export, "KEEP_PER_MODEL", 1)  # stale exports are pruned, newest kept
+    reid.Encoder(device="cpu", runtime=runtime, export_dir=tmp_path, **{**TINY, "depth": 1})
+    assert len(made) == 4 and len(list(tmp_path.glob("*.onnx"))) == len(list(tmp_path.glob("*.json"))) == 1
+
 
 def test_runtime_choice_and_torch_fallbacks(tmp_path, monkeypatch, caplog):
     from reid import encoder as encoder_module
