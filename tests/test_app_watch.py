@@ -153,8 +153,9 @@ def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(t
         assert repo.stats().clips >= committed
         kept = repo.stats().clips
 
-    # restart: a new run, the killed one is marked aborted; SIGTERM stops it cleanly
-    second = run_watcher(config, "--realtime", wait=False)
+    # restart: a new run, the killed one is marked aborted; SIGTERM stops it cleanly. The first
+    # run may have reached the end of the file meanwhile: --start-over processes it again.
+    second = run_watcher(config, "--realtime", "--start-over", wait=False)
     try:
         wait_for(lambda: stored_clip_count(db) >= kept + 2, 180, "clips of the second run", second)
         stop = time.monotonic()
