@@ -421,6 +421,18 @@ def _gap(a_first: float, a_last: float, b_first: float, b_last: float) -> float:
 
 
 @dataclass(frozen=True)
+class _Candidates:
+    """Per pending tracklet, a summary of one block of candidates (identities or pending)."""
+
+    best: np.ndarray  # column of the closest allowed candidate (identity row, or n + pending)
+    nearest: np.ndarray  # its distance (inf: none allowed)
+    second: np.ndarray  # second-closest distance
+    count: np.ndarray  # allowed candidates
+    evidence: np.ndarray  # log sum of their likelihood ratios (NaN: uncalibrated)
+    best_llr: np.ndarray  # log likelihood ratio of the closest
+
+
+@dataclass(frozen=True)
 class _Stage:
     """The rule's inputs for every pending tracklet against one candidate set (one row each)."""
 
@@ -490,6 +502,11 @@ class Linker:
     def prototype(self, identity_id: int) -> np.ndarray:
         assert self._protos is not None
         return self._protos[self._identities[identity_id].row].copy()
+
+    @property
+    def gallery_bytes(self) -> int:
+        """Memory held by the prototype matrix (capacity rows x D float32)."""
+        return 0 if self._protos is None else self._protos.nbytes
 
     def pending_keys(self) -> list[int]:
         return list(self._pending)
@@ -788,11 +805,11 @@ class Linker:
 
         ready = self.calibrator.ready
         near_identities = np.where(allowed_identities, to_identities, np.inf)
-        near_all = np.hstack([near_identities, np.where(allowed_pending, to_pending, np.inf)])
-        llr = (self.calibrator.log_likelihood_ratio(np.hstack([to_identities, to_pending]))
-               if ready else None)
-        among_identities = self._stage(near_identities, None if llr is None else llr[:, :n])
-        among_all = self._stage(near_all, llr)
+        near_pending = np.where(allowed_pending, to_pending, np.inf)
+        identities = self._candidates(near_identities, to_identities, 0, ready)
+        pending = self._candidates(near_pending, to_pending, n, ready)
+        among_identities = self._stage(identities)
+        among_all = self._stage(identities, pending)
         rows = np.arange(len(queue))
         mutual_identity = (np.argmin(near_identities, axis=0)[among_identities.best] == rows
                            if n else np.zeros(len(rows), dtype=bool))
@@ -818,29 +835,50 @@ class Linker:
             decisions.append(self._open(queue[i], opening))
         return bool(openings)
 
-    def _stage(self, near: np.ndarray, llr: np.ndarray | None) -> _Stage:
-        """Best candidate, margin and posterior of every row of `near` ([Q, C] distances, inf
-        where not allowed); posteriors are NaN without a calibration (`llr` None)."""
+    def _candidates(self, near: np.ndarray, distances_: np.ndarray, offset: int,
+                    ready: bool) -> _Candidates:
+        """Per row of `near` ([Q, C] distances, inf where not allowed): closest, second and the
+        evidence sum. One pass each over the (possibly 100k-wide) rows."""
         q, c = near.shape
-        if c == 0:
-            empty = np.full(q, np.nan)
-            return _Stage(np.full(q, -1), np.full(q, np.inf), np.full(q, np.inf), empty, empty)
-        allowed = np.isfinite(near)
-        best = np.argmin(near, axis=1)
         rows = np.arange(q)
+        if c == 0:
+            none = np.full(q, np.inf)
+            return _Candidates(np.zeros(q, dtype=np.int64), none, none, np.zeros(q),
+                               -none, -none)
+        best = np.argmin(near, axis=1)
         nearest = near[rows, best]
         second = np.partition(near, 1, axis=1)[:, 1] if c > 1 else np.full(q, np.inf)
+        count = np.isfinite(near).sum(axis=1)
+        if not ready:
+            nan = np.full(q, np.nan)
+            return _Candidates(best + offset, nearest, second, count, nan, nan)
+        llr = self.calibrator.log_likelihood_ratio(distances_)
+        evidence = logsumexp(np.where(np.isfinite(near), llr, -np.inf), axis=1)
+        return _Candidates(best + offset, nearest, second, count, evidence, llr[rows, best])
+
+    def _stage(self, *sets: _Candidates) -> _Stage:
+        """The rule's inputs for a candidate set made of `sets`: closest, margin, and the
+        posterior (1 - P(closest is the person), P(none is)) under "at most one of the
+        `count` allowed candidates is this person, with prior `prior_same`"."""
+        nearest = np.stack([s.nearest for s in sets])
+        pick = np.argmin(nearest, axis=0)
+        rows = np.arange(nearest.shape[1])
+        best = np.stack([s.best for s in sets])[pick, rows]
+        ordered = np.sort(np.concatenate([nearest, np.stack([s.second for s in sets])]), axis=0)
         with np.errstate(invalid="ignore"):  # inf - inf: no candidate at all
-            margin = np.where(np.isfinite(second), second - nearest, np.inf)
-        if llr is None:
-            return _Stage(best, nearest, margin, np.full(q, np.nan), np.full(q, np.nan))
+            margin = np.where(np.isfinite(ordered[1]), ordered[1] - ordered[0], np.inf)
+        if not self.calibrator.ready:
+            nan = np.full(len(rows), np.nan)
+            return _Stage(best, ordered[0], margin, nan, nan)
         prior = self.config.prior_same
-        count = np.maximum(allowed.sum(axis=1), 1)
-        log_weights = np.where(allowed, llr + np.log(prior / count)[:, None], -np.inf)
+        count = np.maximum(sum(s.count for s in sets), 1)
+        log_prior = np.log(prior / count)
         log_none = math.log(1 - prior)
-        log_total = np.logaddexp(log_none, logsumexp(log_weights, axis=1))
-        false_link = -np.expm1(log_weights[rows, best] - log_total)
-        return _Stage(best, nearest, margin, false_link, np.exp(log_none - log_total))
+        evidence = np.logaddexp.reduce(np.stack([s.evidence for s in sets]), axis=0)
+        log_total = np.logaddexp(log_none, evidence + log_prior)
+        best_llr = np.stack([s.best_llr for s in sets])[pick, rows]
+        false_link = -np.expm1(best_llr + log_prior - log_total)
+        return _Stage(best, ordered[0], margin, false_link, np.exp(log_none - log_total))
 
     def _decide(self, i: int, s: TrackletSummary, queue: list[_Pending], n: int,
                 among_identities: _Stage, among_all: _Stage, mutual_identity: bool,
