@@ -2,6 +2,7 @@
 with the offending keys named; never a silently random ViT."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -93,6 +94,51 @@ def test_our_checkpoint_at_another_input_size_resamples_its_own_grid(tmp_path):
     corner = source.backbone.pos_embed[0, 1].detach()  # the top-left patch stays top-left
     assert (grid[0, 0] - corner).norm() < (grid[-1, -1] - corner).norm()
     assert torch.equal(model.backbone.cls_token, source.backbone.cls_token)
+
+
+def _jax_arrays(state: dict[str, torch.Tensor], heads: int = 3) -> dict[str, np.ndarray]:
+    """A timm ViT state dict in the original JAX/Flax `.npz` layout (the inverse of timm's loader)."""
+    def a(t: torch.Tensor) -> np.ndarray:
+        return t.detach().numpy()
+
+    out = {"embedding/kernel": a(state["patch_embed.proj.weight"].permute(2, 3, 1, 0)),
+           "embedding/bias": a(state["patch_embed.proj.bias"]), "cls": a(state["cls_token"]),
+           "Transformer/posembed_input/pos_embedding": a(state["pos_embed"]),
+           "Transformer/encoder_norm/scale": a(state["norm.weight"]), "Transformer/encoder_norm/bias": a(state["norm.bias"])}
+    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    for i in range(blocks):
+        p, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        width = state[b + "norm1.weight"].shape[0]
+        for name, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[f"{p}{name}/scale"], out[f"{p}{name}/bias"] = a(state[b + norm + ".weight"]), a(state[b + norm + ".bias"])
+        for n, (weight, bias) in enumerate(zip(state[b + "attn.qkv.weight"].chunk(3), state[b + "attn.qkv.bias"].chunk(3))):
+            part = ("query", "key", "value")[n]
+            out[f"{p}MultiHeadDotProductAttention_1/{part}/kernel"] = a(weight.T.reshape(width, heads, -1))
+            out[f"{p}MultiHeadDotProductAttention_1/{part}/bias"] = a(bias.reshape(heads, -1))
+        out[f"{p}MultiHeadDotProductAttention_1/out/kernel"] = a(state[b + "attn.proj.weight"].reshape(width, heads, -1).permute(1, 2, 0))
+        out[f"{p}MultiHeadDotProductAttention_1/out/bias"] = a(state[b + "attn.proj.bias"])
+        for r in range(2):
+            out[f"{p}MlpBlock_3/Dense_{r}/kernel"] = a(state[b + f"mlp.fc{r + 1}.weight"].T)
+            out[f"{p}MlpBlock_3/Dense_{r}/bias"] = a(state[b + f"mlp.fc{r + 1}.bias"])
+    return out
+
+
+def test_jax_npz_loads_and_a_missing_array_is_refused(tmp_path):
+    state = _timm_state(2)
+    arrays = _jax_arrays(state)
+    np.savez(tmp_path / "vit.npz", **arrays)
+    model = reid.build_model("keyreid_vit_tiny", pretrained=tmp_path / "vit.npz", **TINY)
+    assert model.pretrained_report.format == "jax-npz"
+    for ours, key in ((model.backbone.blocks[0].attn.qkv.weight, "blocks.0.attn.qkv.weight"),
+                      (model.backbone.blocks[0].attn.proj.weight, "blocks.0.attn.proj.weight"),
+                      (model.global_block.mlp.fc2.weight, "blocks.1.mlp.fc2.weight"),
+                      (model.backbone.patch_embed.proj.weight, "patch_embed.proj.weight"),
+                      (model.backbone.cls_token, "cls_token")):
+        assert torch.allclose(ours, state[key], atol=1e-6), key
+    del arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"]
+    np.savez(tmp_path / "partial.npz", **arrays)
+    with pytest.raises(PretrainedMismatch, match="encoderblock_1/MlpBlock_3/Dense_0/kernel"):
+        reid.build_model("keyreid_vit_tiny", pretrained=tmp_path / "partial.npz", **TINY)
 
 
 def test_timm_download_offline_says_so(monkeypatch):
