@@ -24,9 +24,9 @@ still with every tracklet's interpolated box there.
   its own id); per camera, the same with per-tracklet ids (the single-camera tracker alone).
 - Cross-camera retrieval: each tracklet is matched to the truth person that most of its stored
   boxes overlap (IoU >= `iou`, at least half of its boxes); a matched tracklet queries the
-  other cameras' tracklets (unmatched ones stay as distractors) by the Euclidean distance
-  between tracklet descriptors (mean of L2-normalised clip descriptors, normalised again:
-  linking's 0..2 scale); mAP and rank-1 over queries with a true match.
+  other cameras' tracklets (unmatched ones stay as distractors) by the project's one
+  similarity (`storage.similarity`: unit mean of unit clip descriptors, Euclidean 0..2);
+  mAP and rank-1 over queries with a true match, ties broken by gallery order.
 - Links: pairs of tracklets in one stored identity vs pairs of the same truth person;
   precision and recall, cross-camera and within-camera separately.
 """
@@ -44,6 +44,7 @@ import trackeval
 
 from storage import open_repository
 from storage.errors import StorageError
+from storage.similarity import distances, tracklet_descriptor
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 FRAME_MODES = ("all", "sampled")
@@ -214,11 +215,6 @@ class _Tracklet:
     person: int | None = None
 
 
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)
-
-
 def _load_tracklets(repo, run_id: int | None, model_id: str | None) -> list[_Tracklet]:
     tracklets = []
     for record in repo.list_tracklets(run_id=run_id):
@@ -229,8 +225,7 @@ def _load_tracklets(repo, run_id: int | None, model_id: str | None) -> list[_Tra
                 stored[int(frame)] = tuple(float(v) for v in box)
         descriptor = None
         if clips:
-            descriptor = _normalise(_normalise(np.stack([c.descriptor for c in clips]))
-                                    .mean(axis=0))
+            descriptor = tracklet_descriptor(np.stack([c.descriptor for c in clips]))
         tracklets.append(_Tracklet(record.id, record.camera_id, record.identity_id,
                                    dict(sorted(stored.items())), descriptor))
     return tracklets
@@ -348,8 +343,7 @@ def _retrieval(tracklets: list[_Tracklet]) -> tuple[float | None, float | None, 
         relevant = np.array([usable[g].person == query.person for g in gallery], dtype=bool)
         if not relevant.any():
             continue
-        distances = np.linalg.norm(vectors[gallery] - vectors[q], axis=1)
-        order = np.argsort(distances, kind="stable")
+        order = np.argsort(distances(vectors[q:q + 1], vectors[gallery])[0], kind="stable")
         aps.append(_average_precision(relevant[order]))
         firsts.append(bool(relevant[order][0]))
     if not aps:

@@ -201,7 +201,8 @@ def write_truth(path: Path, rows: list[tuple[int, int, float, float, float, floa
 
 
 def _cams_yaml(config: SceneConfig) -> str:
-    cameras = "".join(f"  - {{id: {cam}, source: {cam}.mp4}}\n" for cam in camera_ids(config))
+    cameras = "".join(f"  - {{id: {cam}, source: {cam}.mp4, max_fps: null}}\n"
+                      for cam in camera_ids(config))
     return textwrap.dedent(f"""\
         # Synthetic scene (training.scene, seed {config.seed}): {config.people} people,
         # {config.cameras} cameras, {config.seconds:g} s at {FPS} fps. Truth: <camera>.txt.
@@ -211,6 +212,9 @@ def _cams_yaml(config: SceneConfig) -> str:
         database: sqlite:///scene.db
         detector: {{imgsz: 640}}   # people are 90-180 px tall in 640x360: native size is enough
         keypoints: {{backend: yolo-pose}}
+        # max_fps null: every frame. At the default 5 fps a person crossing the view moves about
+        # half a box width per processed frame; ByteTrack then never confirms most new tracks
+        # (an unconfirmed track needs 1 - IoU x score < 0.7 with its next detection).
         cameras:
         """) + cameras
 
