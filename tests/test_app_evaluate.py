@@ -239,3 +239,42 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, two_cameras, capsys):
     assert data["cross_camera_links"]["precision"] == 1.0
     assert main(["--db", url, "--truth", str(folder), "--run", "9"]) == 2
     assert "no run 9" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_watcher_on_a_synthetic_scene_scores_sanely(tmp_path, weights):
+    """training.scene -> keyreid-watch (its cams.yaml) -> app.evaluate: the detector and tracker
+    find the scene's people; the cross-camera figures exist (their values are the linker's)."""
+    import subprocess
+    import sys
+
+    from support import ROOT, run_watcher
+
+    folder = tmp_path / "scene"
+    made = subprocess.run([sys.executable, "-m", "training.scene", "--out", str(folder),
+                           "--people", "4", "--seconds", "24", "--seed", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    scene = json.loads((folder / "scene.json").read_text())
+    truth_ids = {int(line.split(",")[1]) for camera in ("cam0", "cam1")
+                 for line in (folder / f"{camera}.txt").read_text().splitlines()}
+    assert truth_ids == {p["id"] for p in scene["people"]} == {1, 2, 3, 4}
+    low, high = scene["config"]["transit"]
+    travellers = [p["visits"] for p in scene["people"] if len(p["visits"]) == 2]
+    assert travellers, "nobody walks through both cameras"
+    for first, second in travellers:  # entering the next camera after the pair's transit time
+        assert low / 1.15 <= second["enter_time"] - first["exit_time"] <= high / 0.85
+
+    result = run_watcher(folder / "cams.yaml", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+    report = evaluate(f"sqlite:///{folder / 'scene.db'}", folder)
+    assert report.tracking.recall > 0.5 and report.tracking.precision > 0.8, report.table()
+    for camera, scores in report.per_camera.items():
+        assert scores.recall > 0.5 and scores.idf1 > 0.5, (camera, report.table())
+    assert report.matched_tracklets >= 0.5 * report.tracklets >= 1, report.table()
+    assert 0 < report.tracking.idf1 <= 1 and 0 < report.tracking.hota <= 1
+    assert report.queries >= 1 and 0 < report.retrieval_map <= 1, report.table()
+    assert report.cross_camera_links.truth_pairs >= 1, report.table()
+    sampled = evaluate(f"sqlite:///{folder / 'scene.db'}", folder, frames="sampled")
+    assert 0 < sampled.frames_evaluated < report.frames_evaluated
