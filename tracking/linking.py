@@ -405,9 +405,6 @@ class _Intervals:
             self.index = {k: int(position[i]) for k, i in self.index.items()}
             self.size, self.dead = len(keep), 0
 
-    def set_row(self, key: int, row: int) -> None:
-        self.row[self.index[key]] = row
-
     def rows_near(self, lo: float, hi: float) -> np.ndarray:
         """Identity rows with a member interval touching [lo, hi]."""
         n = self.size
@@ -542,6 +539,7 @@ class Linker:
                 members: Sequence[Member]) -> _Identity:
         if identity_id in self._identities:
             raise ValueError(f"identity {identity_id} is already in memory")
+        self._counter = max(self._counter, identity_id)  # default ids never reuse a known one
         prototype = unit(prototype)
         self._ensure_dim(len(prototype))
         assert self._protos is not None
@@ -623,7 +621,6 @@ class Linker:
         (default: the member count), i.e. how much the prototype resists a new member."""
         if not members:
             raise ValueError(f"identity {identity_id} needs at least one member")
-        self._counter = max(self._counter, identity_id)  # default ids never collide with loaded ones
         self._create(identity_id, prototype,
                      max(float(len(members) if weight is None else weight), 1e-6), members)
 
