@@ -221,7 +221,9 @@ def _load_tracklets(repo, run_id: int | None, model_id: str | None) -> list[_Tra
         clips = repo.tracklet_clips(record.id, model_id=model_id)
         stored: dict[int, Box] = {}
         for clip in clips:
-            for frame, box in zip(clip.frame_indices, clip.boxes or ()):
+            if clip.boxes is None:  # clips stored without boxes say nothing about position
+                continue
+            for frame, box in zip(clip.frame_indices, clip.boxes, strict=True):
                 stored[int(frame)] = tuple(float(v) for v in box)
         descriptor = None
         if clips:
@@ -284,8 +286,9 @@ def _track_scores(timesteps: list[Timestep], iou: float) -> TrackScores:
         predicted_ids=len(predicted_ids))
 
 
-def _timesteps(camera: str, truth: dict[int, list[tuple[int, Box]]],
-               tracklets: list[_Tracklet], frames: str, global_ids: bool) -> list[Timestep]:
+def _timesteps(truth: dict[int, list[tuple[int, Box]]], tracklets: list[_Tracklet],
+               frames: str, global_ids: bool) -> list[Timestep]:
+    """One camera's scored frames: truth and (interpolated) predicted ids and boxes."""
     predicted: dict[int, list[tuple[object, Box]]] = {}
     for t in tracklets:
         key = (t.identity if global_ids and t.identity is not None else f"tracklet {t.id}")
@@ -393,9 +396,9 @@ def evaluate(db_url: str, truth_dir: str | Path, *, run_id: int | None = None,
     per_camera = {}
     for camera in sorted(watched | set(truth)):
         mine = [t for t in tracklets if t.camera == camera]
-        combined += _timesteps(camera, truth.get(camera, {}), mine, frames, global_ids=True)
+        combined += _timesteps(truth.get(camera, {}), mine, frames, global_ids=True)
         per_camera[camera] = _track_scores(
-            _timesteps(camera, truth.get(camera, {}), mine, frames, global_ids=False), iou)
+            _timesteps(truth.get(camera, {}), mine, frames, global_ids=False), iou)
     retrieval_map, rank1, queries = _retrieval(tracklets)
     people = {p for camera in truth.values() for rows in camera.values() for p, _ in rows}
     return EvaluationReport(
