@@ -188,6 +188,19 @@ def test_uncalibrated_linker_links_nothing_and_says_why():
     assert linker.identity_of(2) != linker.identity_of(1)
 
 
+def test_resubmitting_a_pending_tracklet_counts_its_labels_once():
+    linker = Linker(LinkerConfig(time_window=600.0))
+    linker.link([summary(9, "b", 0, 30, at_angles(0.0)[0])])
+    clips = np.eye(6, DIM, dtype=np.float32) + 1.0
+    tracklet = TrackletSummary.from_clips(1, "a", clips[:4], [0, 10, 20, 30])
+    for _ in range(3):  # the watcher hands a still-pending tracklet over again each tick
+        assert linker.link([tracklet])[0].kind == "pending"
+    assert len(linker.calibrator.genuine_samples()) == 1
+    longer = TrackletSummary.from_clips(1, "a", clips, [0, 10, 20, 30, 40, 50])
+    linker.link([longer])  # more clips: new evidence
+    assert len(linker.calibrator.genuine_samples()) == 2 and linker.pending_keys() == [1]
+
+
 # -- scenes -------------------------------------------------------------------------------------
 def test_well_separated_scene_links_most_pairs_precisely():
     scene = make_scene(noise=0.6)

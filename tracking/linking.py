@@ -370,6 +370,7 @@ class _Identity:
 class _Pending:
     summary: TrackletSummary
     order: int  # arrival order, for stable ties
+    clips: int = 0  # clips its genuine label was taken from (a re-submission adds one only if more)
     fresh: bool = True  # impostor labels not yet taken
 
 
@@ -749,20 +750,20 @@ class Linker:
                 raise ValueError(f"tracklet {tracklet.key} is already in identity "
                                  f"{self._member_of[tracklet.key]}")
             self._ensure_dim(len(tracklet.descriptor))
-            if tracklet.clips is not None and tracklet.clip_times is not None:
+            summary = replace(tracklet, descriptor=unit(tracklet.descriptor), clips=None,
+                              clip_times=None)
+            pending = self._pending.get(tracklet.key)
+            if pending is None:
+                self._arrivals += 1
+                pending = self._pending[tracklet.key] = _Pending(summary, self._arrivals)
+            pending.summary = summary
+            clips = 0 if tracklet.clips is None else len(tracklet.clips)
+            if clips > pending.clips and tracklet.clip_times is not None:
                 gap = genuine_distance(tracklet.clips, tracklet.clip_times,
                                        self.config.min_genuine_gap)
                 if gap is not None:
                     self.calibrator.add_genuine(gap)
-            summary = replace(tracklet, descriptor=unit(tracklet.descriptor), clips=None,
-                              clip_times=None)
-            old = self._pending.get(tracklet.key)
-            if old is not None:
-                old = replace(old, summary=summary)
-            else:
-                self._arrivals += 1
-                old = _Pending(summary, self._arrivals)
-            self._pending[tracklet.key] = old
+                    pending.clips = clips
             self._clock = max(self._clock, tracklet.last_time)
         now = self._clock if now is None else now
         self._clock = max(self._clock, now)
