@@ -327,11 +327,14 @@ class Watcher:
             if self.status_stream.isatty():
                 self.status_stream.write("\n")
             self.stop_event.set()
+            deadline = time.monotonic() + 2.0  # one grace period for all workers together
             for camera in self.cameras.values():
                 if camera.process is not None:
+                    camera.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            for camera in self.cameras.values():
+                if camera.process is not None and camera.process.is_alive():
+                    camera.process.kill()
                     camera.process.join(timeout=2.0)
-                    if camera.process.is_alive():
-                        camera.process.terminate()
         return self._finish(started)
 
     def _drain_after_stop(self, drain: float) -> None:
@@ -630,7 +633,7 @@ class Watcher:
                 continue
             LOG.warning("camera %s did not stop within %.0f s; terminating its worker",
                         camera.config.id, self.config.supervision.drain_timeout)
-            camera.process.terminate()
+            camera.process.kill()  # workers ignore SIGTERM: the main process owns shutdown
             camera.finished = Finished(camera.config.id, "stopped", "terminated while draining")
             self._close_tracklets(camera.config.id, "stopped: terminated while draining")
 
