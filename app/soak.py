@@ -12,11 +12,11 @@ status line and summary. A benchmark, not a test: it prints numbers and asserts 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -53,7 +53,7 @@ def loop_video(source: Path, target: Path, seconds: float) -> Path:
                 for packet in container.demux(stream):
                     if packet.pts is None:
                         continue
-                    step = int(Fraction(1, 1) / (stream.average_rate or 10) / stream.time_base)
+                    step = int(1 / (stream.average_rate or 10) / stream.time_base)
                     packet.pts += offset
                     packet.dts = packet.pts
                     last = max(last, packet.pts + step)
@@ -138,19 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     text = log.read_text()
     status = [line for line in text.splitlines() if " | encoder: " in line]
     summary = text[text.rfind("run "):] if "run " in text else ""
-    first = next((s for s in samples if s.elapsed >= args.warm_up), samples[0] if samples else None)
+    running = [s for s in samples if s.elapsed <= seconds]  # not the shutdown
+    first = next((s for s in running if s.elapsed >= args.warm_up), running[0] if running else None)
     print(f"\nexit code {process.returncode}; wall {time.monotonic() - started:.0f} s")
     if first is not None:
-        last = samples[-2] if len(samples) > 1 else samples[-1]  # the last sample before exit
-        print("| process | RSS at start (MiB) | RSS at end (MiB) |\n|---|---:|---:|")
+        last = running[-1]
+        print(f"| process | RSS at {first.elapsed:.0f} s (MiB) | RSS at {last.elapsed:.0f} s "
+              f"(MiB) |\n|---|---:|---:|")
         for role in sorted(first.rss_kib):
             end = last.rss_kib.get(role)
             print(f"| {role} | {first.rss_kib[role] / 1024:.0f} | "
                   f"{'exited' if end is None else f'{end / 1024:.0f}'} |")
-        hours = (last.elapsed - first.elapsed) / 3600 * 2  # two cameras
-        if hours > 0:
-            growth = (last.db_bytes - first.db_bytes) / hours
-            print(f"database: {last.db_bytes / 1e6:.1f} MB, {growth / 1e6:.1f} MB per camera-hour")
+    video = [float(m) for m in re.findall(r"frames, ([\d.]+) s of video", text)]
+    size = max((s.db_bytes for s in samples), default=0)
+    if video and sum(video) > 0:
+        print(f"database: {size / 1e6:.1f} MB for {sum(video) / 3600:.3f} camera-hours of "
+              f"video processed: {size / 1e6 / (sum(video) / 3600):.1f} MB per camera-hour")
     if status:
         print("last status line:", status[-1].split(": ", 2)[-1])
     print(summary)
