@@ -16,7 +16,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from storage.similarity import describe, distances, similarity_percent, tracklet_descriptor, unit
+from storage.similarity import (
+    describe,
+    distances,
+    similarity_percent,
+    tracklet_descriptor,
+    unit,
+)
 from tracking.linking import (
     Calibrator,
     Decision,
@@ -62,8 +68,11 @@ def make_scene(noise: float, people: int = 120, seed: int = 0, span: float = 150
     return Scene(tracklets, person)
 
 
-def run(scene: Scene, config: LinkerConfig = LinkerConfig(time_window=600.0),
-        batch: float = 0.0, rng: np.random.Generator | None = None) -> tuple[Linker, list[Decision]]:
+WINDOW = LinkerConfig(time_window=600.0)
+
+
+def run(scene: Scene, config: LinkerConfig = WINDOW, batch: float = 0.0,
+        rng: np.random.Generator | None = None) -> tuple[Linker, list[Decision]]:
     """Feed tracklets as they end: one `link` call per tracklet, or per `batch` seconds of ends
     (shuffled within the batch when `rng` is given). The end of the stream flushes."""
     linker = Linker(config)
@@ -235,10 +244,18 @@ def test_fragments_within_a_camera_are_joined():
     assert true > 10 and joined / true >= 0.9
 
 
-def test_inseparable_scene_links_almost_nothing():
-    scene = make_scene(noise=6.0)
+def test_moderately_separated_scene_links_what_it_can_be_sure_of():
+    scene = make_scene(noise=1.5)  # AUC ~0.92: many true pairs are closer than any impostor
     linker, decisions = run(scene)
-    recall, precision, predicted = pair_scores(scene, decisions)
+    recall, precision, _ = pair_scores(scene, decisions)
+    assert precision >= 0.97 and recall >= 0.3, (recall, precision)
+    assert 0.85 < linker.separation().auc < 0.97
+
+
+def test_inseparable_scene_links_almost_nothing():
+    scene = make_scene(noise=6.0, seed=2)
+    linker, decisions = run(scene)
+    _, precision, predicted = pair_scores(scene, decisions)
     assert predicted == 0 or precision >= 0.9, (predicted, precision)
     assert sum(d.kind == "linked" for d in decisions) <= 0.02 * len(scene.tracklets)
     assert linker.separation().auc < 0.7
@@ -270,7 +287,8 @@ def test_operator_merge_and_split_are_honoured_in_later_decisions():
     linker.link([summary(1, "a", 0, 10, x), summary(2, "a", 0, 10, y)])  # overlap: never linked
     keep, merged = linker.identity_of(1), linker.identity_of(2)
     assert keep != merged
-    ambiguous = linker.link([summary(3, "c", 100, 110, y)])  # close to both: no guess
+    between = at_angles(0.15)[0]
+    ambiguous = linker.link([summary(3, "c", 100, 110, between)])  # as close to both: no guess
     assert ambiguous[0].kind == "pending"
     linker.merge(keep, merged)  # the operator says: one person (a duplicate box)
     assert linker.identity_of(2) == keep and merged not in linker.identity_ids()
@@ -283,7 +301,7 @@ def test_operator_merge_and_split_are_honoured_in_later_decisions():
     fresh = Linker(LinkerConfig(time_window=600.0), calibrator=calibrated())
     fresh.add_identity(keep, linker.prototype(keep), linker.members(keep))
     fresh.cannot_link(3, keep)  # reloaded after a restart with the cannot-link
-    decisions = fresh.link([summary(3, "c", 100, 110, y)])
+    decisions = fresh.link([summary(3, "c", 100, 110, between)])
     assert decisions[0].kind != "linked" or decisions[0].identity_id != keep
     with pytest.raises(ValueError):
         linker.cannot_link(1, keep)

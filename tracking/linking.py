@@ -14,9 +14,9 @@ the closest impostor seen, which is infinite confidence from finite data; two pa
 stable from a few dozen labels and update cheaply. Both estimators err towards *not* linking:
 the impostor fit uses mean/std (look-alikes widen its lower tail), the genuine fit uses
 median/MAD (tracker id switches put impostor-like distances among the "genuine" labels, which a
-moment fit would turn into same-person evidence at impostor distances). The log likelihood
-ratio is evaluated with the distance clamped to [genuine centre, impostor centre], where it is
-monotone: being closer than a typical genuine pair earns no extra confidence.
+moment fit would turn into same-person evidence at impostor distances). Each class is a split
+normal whose far side gets at least the other class's spread, which keeps the ratio monotone
+(a farther candidate never earns more confidence) and near 1 for inseparable classes.
 
 The decision is a posterior over the allowed candidates (Bayes with "at most one of the n
 candidates is this person, with prior probability `prior_same`"):
@@ -236,10 +236,6 @@ class _Fit:
     impostor_std: float
 
 
-def _log_normal(x: np.ndarray, mean: float, std: float) -> np.ndarray:
-    return -0.5 * np.square((x - mean) / std) - math.log(std)
-
-
 class Calibrator:
     """Genuine and impostor distance distributions of one model, maintained online.
 
@@ -290,16 +286,25 @@ class Calibrator:
 
     def log_likelihood_ratio(self, d: np.ndarray) -> np.ndarray:
         """log f_same(d) / f_diff(d), monotone non-increasing in d; 0 (no evidence) for a model
-        whose genuine distances are not smaller than its impostor ones. Requires `ready`."""
+        whose genuine distances are not smaller than its impostor ones. Requires `ready`.
+
+        Each class is a split normal whose far side (genuine below its centre, impostor above
+        its centre) gets at least the other class's spread. That keeps the ratio monotone (a
+        farther candidate never earns more confidence) and lets a candidate closer than a typical
+        genuine label count as stronger evidence, since genuine labels (tracklet halves) are
+        noisier than the whole-tracklet-vs-prototype distances decisions see, but never more
+        steeply than both spreads allow: for inseparable classes the ratio stays near 1."""
         if not self.ready:
             raise RuntimeError(self.status())
         fit = self._fitted()
         d = np.asarray(d, dtype=np.float64)
         if fit.genuine_mean >= fit.impostor_mean:
             return np.zeros_like(d)
-        d = np.clip(d, fit.genuine_mean, fit.impostor_mean)
-        return (_log_normal(d, fit.genuine_mean, fit.genuine_std)
-                - _log_normal(d, fit.impostor_mean, fit.impostor_std))
+        wide = max(fit.genuine_std, fit.impostor_std)
+        same = np.where(d < fit.genuine_mean, wide, fit.genuine_std)
+        diff = np.where(d > fit.impostor_mean, wide, fit.impostor_std)
+        return (0.5 * np.square((d - fit.impostor_mean) / diff) + math.log(fit.impostor_std)
+                - 0.5 * np.square((d - fit.genuine_mean) / same) - math.log(fit.genuine_std))
 
     def threshold(self, target_false_link: float, prior_same: float) -> float | None:
         """Largest distance at which a lone candidate links at `target_false_link` (None if none)."""
@@ -308,8 +313,8 @@ class Calibrator:
         fit = self._fitted()
         needed = math.log((1 - target_false_link) * (1 - prior_same)
                           / (target_false_link * prior_same))
-        lo, hi = fit.genuine_mean, fit.impostor_mean
-        if hi <= lo or float(self.log_likelihood_ratio(np.array(lo))) < needed:
+        lo, hi = 0.0, fit.impostor_mean
+        if fit.genuine_mean >= hi or float(self.log_likelihood_ratio(np.array(lo))) < needed:
             return None
         for _ in range(50):  # bisection on the monotone ratio
             mid = 0.5 * (lo + hi)
