@@ -22,7 +22,7 @@ import numpy as np
 from .config import ReidConfig
 
 LOG = logging.getLogger(__name__)
-FAULT_ENV = "KEYREID_FAULT_ENCODER"  # test hook: "oom=N,nan=M" (first N batches, M clips)
+FAULT_ENV = "KEYREID_FAULT_ENCODER"  # test hook: "oom=N,nan=M" (N batches of 2+ clips, M clips)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +107,7 @@ class EncoderService:
             return [(c.tag, d) for c, d in zip(batch, descriptors)]
 
     def _encode(self, batch: list[PendingClip]) -> np.ndarray:
-        self._faults.before_batch()
+        self._faults.before_batch(len(batch))
         descriptors = self.encoder.encode(np.stack([c.crops for c in batch]),
                                           np.stack([c.keypoints for c in batch]),
                                           np.full(len(batch), -1, dtype=np.int64))
@@ -134,8 +134,8 @@ class _InjectedFaults:
                     if "=" in part)
         return cls(int(spec.get("oom", 0)), int(spec.get("nan", 0)))
 
-    def before_batch(self) -> None:
-        if self.out_of_memory:
+    def before_batch(self, size: int) -> None:
+        if self.out_of_memory and size > 1:  # a batch that can be halved
             self.out_of_memory -= 1
             import torch
             raise torch.OutOfMemoryError("injected by KEYREID_FAULT_ENCODER")

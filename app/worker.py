@@ -382,8 +382,9 @@ class _CameraRun:
         gap = frame.wall_time - self.last_wall if self.last_wall is not None else 0.0
         self.last_connection = frame.connection
         if self.last_wall is not None and gap > self.outage_limit:
-            LOG.warning("camera %s was down for %.1f s: its %d open track(s) end and the "
-                        "tracker starts afresh", self.camera.id, gap, self.buffer.active_tracks)
+            LOG.warning("camera %s was down for %.1f s (back at frame %d): its %d open "
+                        "track(s) end and the tracker starts afresh", self.camera.id, gap,
+                        frame.index, self.buffer.active_tracks)
             self.outages += 1
             self._finish_tracks()
             self.tracker.reset()
