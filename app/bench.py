@@ -89,6 +89,7 @@ class _Measured:
     """One bench run at one detector runtime: per-stage ms per frame and the headline figures."""
 
     runtime: str
+    frames: int
     stages_ms: dict[str, float]
     video_per_wall: float
     frames_per_camera_per_s: float
@@ -133,7 +134,7 @@ def _measure(config: WatchConfig, max_frames: int | None, baseline: bool) -> _Me
     runtime = ", ".join(sorted({v[4] for v in base.values()})) if base else \
         resolve_runtime(config.detector.runtime, config.detector.device)[0]
     measured = _Measured(
-        runtime=runtime, stages_ms={k: 1000 * v / max(frames, 1) for k, v in stages.items()},
+        runtime=runtime, frames=frames, stages_ms={k: 1000 * v / max(frames, 1) for k, v in stages.items()},
         video_per_wall=per_camera / wall if wall > 0 else 0.0,
         frames_per_camera_per_s=frames / max(len(summary.cameras), 1) / wall if wall > 0 else 0.0,
         clips=summary.clips_stored, tracklets=summary.tracklets, base_video_per_wall=None,
@@ -182,6 +183,7 @@ def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int |
 
     lines += [
         row("**whole pipeline: s of video per wall s per camera**", [m.video_per_wall for m in results]),
+        row("processed frames (all cameras)", [m.frames for m in results], "d"),
         row("processed frames per s per camera", [m.frames_per_camera_per_s for m in results], ".1f"),
         row("detection + tracking alone: s of video per wall s", [m.base_video_per_wall for m in results]),
         row("whole / detection-only wall time (target <= 1.25)", [m.ratio for m in results]),
