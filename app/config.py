@@ -155,14 +155,20 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class LinkingConfig:
-    """`threshold`: the largest Euclidean distance between L2-normalised descriptors (0 = same
-    direction, sqrt(2) = orthogonal, 2 = opposite) at which a tracklet joins an identity.
-    `time_window`: identities not active within this many seconds of a tracklet are not
-    candidates (None: no limit)."""
+    """Calibrated linking (`tracking.linking`): a tracklet joins an identity only when the
+    estimated probability that the link is wrong is below `target_false_link`, its best
+    candidate beats the second by `margin` (distance between unit descriptors, 0..2) and, with
+    `mutual`, it is that candidate's closest pending tracklet; otherwise it waits for more
+    evidence. `time_window`: identities not seen within this many seconds (wall clock) of a
+    tracklet are not candidates (None: no limit). `transit_prior`: nobody crosses between two
+    cameras much faster than the fastest transit seen."""
 
     enabled: bool = True
-    threshold: float = 0.6
+    target_false_link: float = 0.01
+    margin: float = 0.05
+    mutual: bool = True
     time_window: float | None = 600.0
+    transit_prior: bool = True
 
 
 @dataclass(frozen=True)
@@ -482,9 +488,17 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
             check.problems.append(f"clips: overlap ({merged['overlap']}) must be < window "
                                   f"({merged['window']})")
 
-    link = check.section("linking", raw.get("linking"), LinkingConfig, base_dir)
+    raw_linking = raw.get("linking")
+    if isinstance(raw_linking, dict) and "threshold" in raw_linking:
+        check.problems.append("linking: threshold is gone: linking calibrates itself now; set "
+                              "target_false_link (e.g. 0.01) instead (README, identity linking)")
+        raw_linking = {k: v for k, v in raw_linking.items() if k != "threshold"}
+    link = check.section("linking", raw_linking, LinkingConfig, base_dir)
     check.boolean("linking", link, "enabled")
-    check.number("linking", link, "threshold", minimum=0.0, exclusive=True, maximum=2.0)
+    check.boolean("linking", link, "mutual")
+    check.boolean("linking", link, "transit_prior")
+    check.number("linking", link, "target_false_link", minimum=0.0, exclusive=True, maximum=0.49)
+    check.number("linking", link, "margin", minimum=0.0, maximum=2.0)
     check.number("linking", link, "time_window", minimum=0.0, exclusive=True, optional=True)
 
     queues = check.section("queues", raw.get("queues"), QueueConfig, base_dir)

@@ -30,16 +30,16 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from storage import NewClip, Repository, StorageError, StorageUnavailableError, open_repository
+from tracking.linking import Decision, Linker, LinkerConfig, TrackletSummary
 from tracking.redact import log_with_redaction, redact
 
 from .config import CameraConfig, ConfigError, WatchConfig, load_config
-from .linking import Decision, Linker, TrackletSummary, tracklet_descriptor
 from .worker import Finished, Output, Ready, Status, WorkerSettings, camera_main, thumbnail_jpeg
 
 LOG = logging.getLogger("keyreid.watch")
@@ -48,6 +48,8 @@ LOG_STATUS_INTERVAL_S = 10.0
 DEATH_GRACE_S = 1.0  # after a worker dies, how long its last complete messages may take to arrive
 OPERATOR_KINDS = ("merged", "split")
 RETENTION_SLICE_S = 2.0  # at most this long per retention call (it resumes at the next)
+RELINK_INTERVAL_S = 1.0  # pending tracklets are re-decided this often
+CALIBRATION_INTERVAL_S = 10.0  # the linker's separation is stored this often
 
 EXIT_OK, EXIT_CAMERA_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -118,6 +120,7 @@ class _Tracklet:
     end_reason: str | None = None
     pending: int = 0  # clips submitted and not yet stored (or set aside)
     descriptors: list = field(default_factory=list)
+    clip_times: list = field(default_factory=list)  # wall-clock start of each stored clip
 
 
 @dataclass
@@ -165,6 +168,7 @@ class WatchSummary:
     set_aside: int = 0
     lost_writes: int = 0
     repaired: str = ""
+    separation: str = ""
 
     @property
     def failed(self) -> list[str]:
@@ -237,9 +241,13 @@ class Watcher:
         from .encoder_service import EncoderService
         self.encoder = EncoderService(config.reid)
         self.tracklets: dict[tuple[str, int], _Tracklet] = {}
-        self.linker = Linker(config.linking.threshold, config.linking.time_window,
+        linking = config.linking
+        self.linker = Linker(LinkerConfig(target_false_link=linking.target_false_link,
+                                          margin=linking.margin, mutual=linking.mutual,
+                                          time_window=linking.time_window,
+                                          transit_prior=linking.transit_prior),
                              record=self._record_decision)
-        self.linked: set[int] = set()  # tracklet db ids whose decision is stored
+        self.last_relink = self.last_calibration = 0.0
         self.last_operator_change = repo.last_decision_id()
         self.spool: deque[_Write] = deque()
         self.spool_clips = 0
@@ -441,8 +449,10 @@ class Watcher:
             repo.add_clips(rows)
             self.timing["store"] += time.monotonic() - start
             self.counts["clips"] += len(rows)
-            for tracklet, _, descriptor in kept:
+            for tracklet, clip, descriptor in kept:
                 tracklet.descriptors.append(descriptor)
+                tracklet.clip_times.append(clip.wall_times[0] if clip.wall_times
+                                           else tracklet.first_time)
 
         def settle() -> None:
             for tracklet, _, _ in kept:
@@ -505,15 +515,19 @@ class Watcher:
 
     # -- linking ---------------------------------------------------------------------------------
     def _record_decision(self, decision: Decision) -> int:
+        """The linker's hook: store a "new" or "linked" decision, with its evidence."""
+        evidence = {"margin": decision.margin, "false_link": decision.false_link,
+                    "reason": decision.reason}
         if decision.kind == "new":
-            identity = self.repo.open_identity(decision.key, decision.distance, decision.candidate)
+            identity = self.repo.open_identity(decision.key, decision.distance, decision.candidate,
+                                               evidence=evidence)
             self.counts["identities"] += 1
         else:
             identity = self.repo.assign_identity(decision.key, decision.identity_id,
                                                  decision.kind, decision.distance,
-                                                 decision.candidate, follow_merges=True)
+                                                 decision.candidate, follow_merges=True,
+                                                 evidence=evidence)
             self.counts["linked"] += 1
-        self.linked.add(decision.key)
         return identity
 
     def _sync_operator_changes(self) -> None:
@@ -527,36 +541,42 @@ class Watcher:
             self.last_operator_change = change.id
 
     def _link_ready(self, final: bool = False) -> None:
-        """Link tracklets that ended and have every clip stored (all remaining ones when final)."""
+        """Hand tracklets that ended, with every clip stored, to the linker (all remaining ones
+        when final); it decides them now or keeps them pending, and is asked again every second
+        so that pending ones are re-decided as evidence arrives. At the end, what is still
+        pending opens identities of its own."""
+        if self.db_error is not None or not self.config.linking.enabled:
+            return
         ready = [(key, t) for key, t in self.tracklets.items()
                  if (t.ended or final) and t.pending == 0 and t.db_id is not None]
-        if not ready or self.db_error is not None:
+        now = time.monotonic()
+        if not ready and not final and (not self.linker.pending_keys()
+                                        or now - self.last_relink < RELINK_INTERVAL_S):
             return
-        start = time.monotonic()
-        summaries = {}
+        self.last_relink = now
+        summaries = []
         for key, tracklet in ready:
+            del self.tracklets[key]  # from here on the linker holds it until it is decided
             if tracklet.descriptors:
-                summaries[tracklet.db_id] = (key, TrackletSummary(
-                    tracklet.db_id, tracklet.camera_id, tracklet.first_time, tracklet.last_time,
-                    tracklet_descriptor(np.stack(tracklet.descriptors))))
-            else:
-                del self.tracklets[key]
-        if summaries and self.config.linking.enabled:
-            try:
-                self._sync_operator_changes()
-                self.linker.link([s for _, s in summaries.values()])
-            except StorageUnavailableError as exc:
-                self._database_unavailable(str(exc), time.monotonic())
-            except StorageError as exc:  # e.g. a merge raced us: resync and retry next time
-                LOG.warning("linking deferred: %s", exc)
-            finally:  # what was recorded is linked; the rest waits for the next attempt
-                for db_id in self.linked & summaries.keys():
-                    del self.tracklets[summaries[db_id][0]]
-                self.linked.clear()
-        else:
-            for key, _ in summaries.values():
-                del self.tracklets[key]
-        self.timing["link"] += time.monotonic() - start
+                summaries.append(TrackletSummary.from_clips(
+                    tracklet.db_id, tracklet.camera_id, np.stack(tracklet.descriptors),
+                    tracklet.clip_times, first_time=tracklet.first_time,
+                    last_time=tracklet.last_time))
+        try:
+            self._sync_operator_changes()
+            self.linker.link(summaries, now=time.time())
+            if final:
+                self.linker.flush()
+        except StorageUnavailableError as exc:
+            self._database_unavailable(str(exc), time.monotonic())
+        except StorageError as exc:  # e.g. a merge raced us: resync and retry next time
+            LOG.warning("linking deferred: %s", exc)
+        self.timing["link"] += time.monotonic() - now
+        if final or now - self.last_calibration >= CALIBRATION_INTERVAL_S:
+            self.last_calibration = now
+            separation = asdict(self.linker.separation())
+            self._direct("the linker's calibration",
+                         lambda: self.repo.update_run_calibration(self.run_id, separation))
 
     # -- cameras -----------------------------------------------------------------------------------
     def _check_processes(self, now: float) -> None:
@@ -685,7 +705,7 @@ class Watcher:
             self._database_unavailable(str(exc), time.monotonic())
             return
         for identity_id in report.deleted_identity_ids:
-            self.linker.identities.pop(identity_id, None)
+            self.linker.remove_identity(identity_id)
         if report.tracklets_deleted:
             LOG.info("retention: deleted %d tracklets, %d clips, %d identities; database %.1f "
                      "-> %.1f MB%s", report.tracklets_deleted, report.clips_deleted,
@@ -711,6 +731,10 @@ class Watcher:
         rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
         line = (" | ".join(parts) + f" | encoder: queue {self.encoder.backlog}, {rate:.1f} clips/s"
                 f" | identities {self.counts['identities']}")
+        separation = self.linker.separation()
+        line += (f" | linker: {len(self.linker.pending_keys())} pending, "
+                 + (f"AUC {separation.auc:.2f}" if separation.auc is not None
+                    else "not calibrated yet"))
         if self.counts["set_aside"]:
             line += f" | {self.counts['set_aside']} clips set aside (not finite)"
         if self.spool or self.db_error:
@@ -759,13 +783,15 @@ class Watcher:
             first_frame_at=min(firsts) if firsts else None, finished_at=time.monotonic(),
             model_id=self.encoder.model_id, dim=self.encoder.dim, exit_code=exit_code,
             set_aside=self.counts["set_aside"], lost_writes=len(self.spool),
-            repaired=str(self.repair_report))
+            repaired=str(self.repair_report), separation=str(self.linker.separation()))
 
 
 def format_summary(summary: WatchSummary) -> str:
     lines = [f"run {summary.run_id}: {summary.tracklets} tracklets, {summary.clips_stored} clips "
              f"({summary.model_id}, dim {summary.dim}), {summary.identities} identities, "
              f"{summary.linked} cross-camera links"]
+    if summary.separation:
+        lines.append(f"  linker: {summary.separation}")
     if summary.set_aside:
         lines.append(f"  {summary.set_aside} clips set aside: their descriptors were not finite")
     if summary.lost_writes:

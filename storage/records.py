@@ -26,6 +26,7 @@ class RunRecord:
     config: dict
     pid: int | None
     hostname: str | None
+    calibration: dict | None = None  # the linker's separation figures (tracking.linking)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,9 @@ class LinkDecisionRecord:
     candidate_identity_id: int | None
     created_at: datetime
     note: str | None
+    margin: float | None = None
+    false_link: float | None = None  # estimated probability that this link is wrong
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

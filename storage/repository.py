@@ -216,6 +216,11 @@ class Repository:
             run.status = status
             run.ended_at = utcnow()
 
+    def update_run_calibration(self, run_id: int, calibration: dict) -> None:
+        """The linker's current separation figures for this run (the dashboard's gauge)."""
+        with self._write() as s:
+            self._get(s, Run, run_id, "run").calibration = json.dumps(calibration, default=str)
+
     def repair(self, current_run_id: int) -> RepairReport:
         """Clean up after writers that died (kill -9, power loss) before `current_run_id`.
 
@@ -264,7 +269,8 @@ class Repository:
             return [
                 RunRecord(id=r.id, started_at=_aware(r.started_at), ended_at=_aware(r.ended_at),
                           status=r.status, config=json.loads(r.config or "{}"), pid=r.pid,
-                          hostname=r.hostname)
+                          hostname=r.hostname,
+                          calibration=json.loads(r.calibration) if r.calibration else None)
                 for r in s.scalars(select(Run).order_by(Run.id))
             ]
 
@@ -497,21 +503,24 @@ class Repository:
             return identity.id
 
     def open_identity(self, tracklet_id: int, distance: float | None = None,
-                      candidate: int | None = None, note: str | None = None) -> int:
+                      candidate: int | None = None, note: str | None = None,
+                      evidence: dict | None = None) -> int:
         """A new identity whose first member is `tracklet_id` (decision "new"), in one
-        transaction, so a crash can never leave an identity without a member; returns its id."""
+        transaction, so a crash can never leave an identity without a member; returns its id.
+        `evidence`: the linker's `margin`, `false_link` and `reason`, stored with the decision."""
         with self._write() as s:
             tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
             identity = Identity(created_at=utcnow())
             s.add(identity)
             s.flush()
             tracklet.identity_id = identity.id
-            self._decide(s, tracklet_id, identity.id, "new", distance, candidate, note)
+            self._decide(s, tracklet_id, identity.id, "new", distance, candidate, note, evidence)
             return identity.id
 
     def assign_identity(self, tracklet_id: int, identity_id: int, kind: str = "linked",
                         distance: float | None = None, candidate: int | None = None,
-                        note: str | None = None, *, follow_merges: bool = False) -> int:
+                        note: str | None = None, *, follow_merges: bool = False,
+                        evidence: dict | None = None) -> int:
         """Set a tracklet's identity and record why; returns the identity assigned.
 
         An identity merged away (by an operator) is refused, or with `follow_merges` replaced
@@ -526,7 +535,7 @@ class Repository:
                 identity_id = self._resolve_merges(s, identity_id)
             self._live_identity(s, identity_id)
             tracklet.identity_id = identity_id
-            self._decide(s, tracklet_id, identity_id, kind, distance, candidate, note)
+            self._decide(s, tracklet_id, identity_id, kind, distance, candidate, note, evidence)
             return identity_id
 
     def _resolve_merges(self, s: Session, identity_id: int) -> int:
@@ -616,7 +625,8 @@ class Repository:
                 LinkDecisionRecord(id=d.id, tracklet_id=d.tracklet_id, identity_id=d.identity_id,
                                    kind=d.kind, distance=d.distance,
                                    candidate_identity_id=d.candidate_identity_id,
-                                   created_at=_aware(d.created_at), note=d.note)
+                                   created_at=_aware(d.created_at), note=d.note,
+                                   margin=d.margin, false_link=d.false_link, reason=d.reason)
                 for d in s.scalars(query)
             ]
 
@@ -657,10 +667,19 @@ class Repository:
 
     @staticmethod
     def _decide(s: Session, tracklet_id: int, identity_id: int, kind: str,
-                distance: float | None, candidate: int | None, note: str | None) -> int:
+                distance: float | None, candidate: int | None, note: str | None,
+                evidence: dict | None = None) -> int:
+        evidence = evidence or {}
+        unknown = set(evidence) - {"margin", "false_link", "reason"}
+        if unknown:
+            raise ValueError(f"unknown decision evidence {sorted(unknown)}")
+        number = lambda v: None if v is None else float(v)  # noqa: E731
         decision = LinkDecision(tracklet_id=tracklet_id, identity_id=identity_id, kind=kind,
-                                distance=None if distance is None else float(distance),
-                                candidate_identity_id=candidate, note=note, created_at=utcnow())
+                                distance=number(distance), candidate_identity_id=candidate,
+                                note=note, created_at=utcnow(),
+                                margin=number(evidence.get("margin")),
+                                false_link=number(evidence.get("false_link")),
+                                reason=evidence.get("reason"))
         s.add(decision)
         s.flush()
         return decision.id

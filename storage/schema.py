@@ -79,6 +79,8 @@ class Run(Base):
     config: Mapped[str] = mapped_column(Text, default="{}")  # JSON
     pid: Mapped[int | None] = mapped_column(Integer)
     hostname: Mapped[str | None] = mapped_column(String(256))
+    # v2: how well the linker's model separates people on this site (JSON, see tracking.linking)
+    calibration: Mapped[str | None] = mapped_column(Text)
 
 
 class Identity(Base):
@@ -155,6 +157,11 @@ class LinkDecision(Base):
     candidate_identity_id: Mapped[int | None] = mapped_column(ForeignKey("identities.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     note: Mapped[str | None] = mapped_column(Text)
+    # v2: the linker's evidence (second-best minus best distance, estimated probability that
+    # the link is wrong) and its reason in plain words
+    margin: Mapped[float | None] = mapped_column(Float)
+    false_link: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,9 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "tracklets", {"first_wall_time": "FLOAT", "last_wall_time": "FLOAT",
                                      "end_reason": "TEXT"})
     _add_columns(conn, "clips", {"start_wall_time": "FLOAT", "end_wall_time": "FLOAT"})
+    _add_columns(conn, "link_decisions", {"margin": "FLOAT", "false_link": "FLOAT",
+                                          "reason": "TEXT"})
+    _add_columns(conn, "runs", {"calibration": "TEXT"})
     for name, table, column in (("ix_tracklets_created", "tracklets", "created_at"),
                                 ("ix_identities_merged_into", "identities", "merged_into"),
                                 ("ix_link_decisions_candidate", "link_decisions",
@@ -189,8 +199,8 @@ def _v2(conn: Connection) -> None:
 
 # Ordered upgrades for databases created by older releases.
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(2, "wall-clock times, camera status reasons and counters, tracklet end reasons; "
-                 "per-clip thumbnails dropped", _v2),
+    Migration(2, "wall-clock times, camera status reasons and counters, tracklet end reasons, "
+                 "link evidence, run calibration; per-clip thumbnails dropped", _v2),
 )
 
 

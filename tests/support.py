@@ -90,7 +90,6 @@ def watcher_config(folder: Path, weights: Path, cameras: str, db: str = "watch.d
         keypoints: {{backend: yolo-pose}}
         reid: {{overrides: {{depth: 2}}, batch_size: 8, max_wait: 0.2}}
         clips: {{window: 8, overlap: 4, lost_after: 10}}
-        linking: {{threshold: 1.0}}
         cameras:
     """) + textwrap.indent(textwrap.dedent(cameras), "  "))
     return path

@@ -38,7 +38,7 @@ def test_valid_file_resolves_paths_relative_to_the_config_and_expands_variables(
           - {id: b, source: "rtsp://${CAM_HOST}/stream", name: door}
           - {id: c, source: "${UNSET_VARIABLE:-clip.mp4}", enabled: false}
         reid: {batch_size: 8, overrides: {depth: 2}}
-        linking: {threshold: 0.8, time_window: null}
+        linking: {target_false_link: 0.02, time_window: null}
     """), check_weights=False)
     assert [c.id for c in config.cameras] == ["a", "b", "c"]
     assert [c.id for c in config.enabled_cameras] == ["a", "b"]
@@ -48,7 +48,7 @@ def test_valid_file_resolves_paths_relative_to_the_config_and_expands_variables(
     assert config.cameras[2].source == str(tmp_path / "clip.mp4")
     assert config.database == f"sqlite:///{tmp_path / 'watch.db'}"
     assert config.reid.batch_size == 8 and config.reid.overrides == {"depth": 2}
-    assert config.linking.time_window is None
+    assert config.linking.time_window is None and config.linking.target_false_link == 0.02
     # the missing file source is a warning (that camera fails alone at run time), not an error
     assert any("vtest.avi does not exist" in w for w in config.warnings)
 
@@ -71,7 +71,9 @@ def test_valid_file_resolves_paths_relative_to_the_config_and_expands_variables(
     ("detector: {tracker: sort}\n" + GOOD_CAMERAS, "detector: tracker must be one of"),
     ("keypoints: {backend: openpose}\n" + GOOD_CAMERAS, "keypoints: backend must be one of"),
     ("clips: {window: 8, overlap: 8}\n" + GOOD_CAMERAS, "clips: overlap (8) must be < window (8)"),
-    ("linking: {threshold: 0}\n" + GOOD_CAMERAS, "linking: threshold must be > 0.0"),
+    ("linking: {threshold: 0.6}\n" + GOOD_CAMERAS, "linking: threshold is gone"),
+    ("linking: {target_false_link: 0.7}\n" + GOOD_CAMERAS,
+     "linking: target_false_link must be <= 0.49"),
     ("queues: {policy: never}\n" + GOOD_CAMERAS, "queues: policy must be one of"),
     ("reid: {model: keyreid_vit_huge}\n" + GOOD_CAMERAS, "reid: unknown model 'keyreid_vit_huge'"),
     ("reid: {checkpoint: missing.pt}\n" + GOOD_CAMERAS, "reid: checkpoint"),

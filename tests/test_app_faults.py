@@ -95,7 +95,9 @@ def test_operator_merge_and_split_while_the_watcher_links(tmp_path, weights):
     config = watcher_config(tmp_path, weights, HALVES)
     text = config.read_text().replace("clips: {window: 8, overlap: 4, lost_after: 10}",
                                       "clips: {window: 8, overlap: 4, lost_after: 3}")
-    config.write_text(text.replace("linking: {threshold: 1.0}", "linking: {threshold: 0.3}"))
+    # a short window: unlinked tracklets open identities of their own 3 s after they end, so
+    # identities appear while the video plays (the untrained model never calibrates)
+    config.write_text(text + "linking: {time_window: 3}\n")
     db = tmp_path / "watch.db"
     process = run_watcher(config, "--realtime", wait=False)
     try:
@@ -105,7 +107,7 @@ def test_operator_merge_and_split_while_the_watcher_links(tmp_path, weights):
                     return repo.count_identities()
             except Exception:  # noqa: BLE001 - not created yet
                 return 0
-        wait_for(lambda: identities() >= 3, 180, "three identities", process)
+        wait_for(lambda: identities() >= 2, 180, "two identities", process)
         with _open(db, readonly=False) as operator:  # the dashboard's write path
             keep, merged, *_ = [i.id for i in operator.list_identities()]
             operator.merge_identities(keep, merged, note="operator")

@@ -234,10 +234,14 @@ def test_open_identity_is_one_transaction_and_merges_can_be_followed(repo):
     run = repo.start_run({})
     repo.upsert_camera("a")
     t1, t2, t3 = (repo.add_tracklet(run, "a", n, 0, 10.0 * n) for n in (1, 2, 3))
-    i1 = repo.open_identity(t1, distance=0.9, candidate=None, note="nobody close")
+    i1 = repo.open_identity(t1, distance=0.9, candidate=None, note="nobody close",
+                            evidence={"margin": 0.2, "false_link": 0.3, "reason": "ambiguous"})
     assert repo.get_tracklet(t1).identity_id == i1
     (decision,) = repo.link_decisions(tracklet_id=t1)
     assert (decision.kind, decision.identity_id, decision.distance) == ("new", i1, 0.9)
+    assert (decision.margin, decision.false_link, decision.reason) == (0.2, 0.3, "ambiguous")
+    repo.update_run_calibration(run, {"auc": 0.91, "ready": True})
+    assert repo.list_runs()[-1].calibration == {"auc": 0.91, "ready": True}
     i2 = repo.open_identity(t2)
     repo.merge_identities(i1, i2)
     with pytest.raises(StorageError, match="was merged into"):

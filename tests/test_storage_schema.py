@@ -31,7 +31,8 @@ def _set_version(path, version: int) -> None:
 
 V2_COLUMNS = {"cameras": ("status_reason", "reconnects", "restarts", "last_frame_wall_time"),
               "tracklets": ("first_wall_time", "last_wall_time", "end_reason"),
-              "clips": ("start_wall_time", "end_wall_time")}
+              "clips": ("start_wall_time", "end_wall_time"),
+              "link_decisions": ("margin", "false_link", "reason"), "runs": ("calibration",)}
 
 
 def _v1_database(path) -> None:
