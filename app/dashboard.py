@@ -37,6 +37,7 @@ from app.dashboard_data import (
 )
 from app.dashboard_upload import ClipPolicy, UploadedFile, UploadError, build_query_clip
 from storage import GalleryIndex, Repository, StorageError
+from storage.similarity import similarity_percent
 
 PAGES = {
     "overview": "Overview",
@@ -186,6 +187,7 @@ def overview_page(repo: Repository, index: GalleryIndex | None, cameras, filters
         last = runs[-1]
         st.caption(f"Latest watcher run {last.id}: {last.status}, started "
                    f"{last.started_at:%Y-%m-%d %H:%M:%S} UTC on {last.hostname or '?'}")
+        show_separation(last.calibration)
     st.subheader("Cameras")
     shown = [c for c in cameras if c.id in filters["cameras"]]
     st.dataframe(camera_rows(repo, shown, index), hide_index=True, width="stretch")
@@ -384,6 +386,9 @@ def identity_page(repo: Repository, settings: DashboardSettings, cameras) -> Non
             "decision": d.id, "tracklet": d.tracklet_id, "kind": d.kind,
             "identity": d.identity_id, "candidate": d.candidate_identity_id,
             "distance": None if d.distance is None else round(d.distance, 4),
+            "similarity": "" if d.distance is None else f"{similarity_percent(d.distance):.0f}%",
+            "chance it is wrong": "" if d.false_link is None else f"{d.false_link:.1%}",
+            "why": d.reason or "",
             "when (UTC)": d.created_at.strftime("%Y-%m-%d %H:%M:%S"), "note": d.note or "",
         } for d in decisions], hide_index=True, width="stretch")
     else:
@@ -421,6 +426,26 @@ def edit_identity(settings: DashboardSettings, identity_id: int, members, summar
                     st.error(f"Split failed: {exc}")
                 else:
                     flash(f"Tracklet {tracklet} now forms identity {new_id}.")
+
+
+def show_separation(calibration: dict | None) -> None:
+    """The linker's gauge: does this model tell this site's people apart? (from its free labels:
+    same-camera overlaps are different people, a tracklet's halves are the same person)."""
+    if not calibration:
+        return
+    auc = calibration.get("auc")
+    if auc is None:
+        st.info(f"Identity linking: not calibrated yet ({calibration.get('reason', '')}). "
+                "Tracklets stay unlinked rather than guessed.")
+        return
+    verdict = ("tells people apart" if auc >= 0.9 else "tells people apart poorly"
+               if auc >= 0.7 else "does NOT tell people apart")
+    labels = f"{calibration.get('genuine_count', 0)} same-person / " \
+             f"{calibration.get('impostor_count', 0)} different-people labels"
+    show = st.success if auc >= 0.9 else st.warning if auc >= 0.7 else st.error
+    linking = "" if calibration.get("ready") else f" Not linking yet: {calibration.get('reason')}."
+    show(f"Identity linking: this model {verdict} on this site (separation AUC {auc:.2f} from "
+         f"{labels}).{linking}")
 
 
 # -- the app ---------------------------------------------------------------------------------

@@ -325,7 +325,10 @@ def test_wall_clock_times_are_the_time_axis(tmp_path, monkeypatch):
                                     rng.normal(size=DIM).astype(np.float32), MODEL_ID,
                                     start_wall_time=start, end_wall_time=start + 1.0)])
             identity = repo.open_identity(tid) if identity is None else \
-                repo.assign_identity(tid, identity, "linked", 0.4)
+                repo.assign_identity(tid, identity, "linked", 0.4, evidence={
+                    "margin": 0.3, "false_link": 0.004, "reason": "false-link 0.4% < 1%"})
+        repo.update_run_calibration(run, {"ready": True, "reason": "calibrated", "auc": 0.95,
+                                          "genuine_count": 80, "impostor_count": 120})
         assert [t.camera_id for t in repo.list_tracklets(time_range=(day + 100, day + 200))] == \
             ["hall"]
         assert repo.gallery_index(time_range=(day - 1, day + 50)).size == 1
@@ -336,6 +339,11 @@ def test_wall_clock_times_are_the_time_axis(tmp_path, monkeypatch):
     assert at.sidebar.slider[0].label == "Time (UTC)"
     table = at.dataframe[0].value
     assert list(table["last frame at"]) == ["2026-12-23 04:31:40 UTC"] * 2
+    assert "this model tells people apart on this site (separation AUC 0.95" in \
+        at.success[0].value
     at = app_for(monkeypatch, url, page="identity", identity=identity)
     assert not at.exception
     assert "2026-12-23 04:26:40 UTC – 2026-12-23 04:28:44 UTC" in texts(at)
+    decisions = at.dataframe[-1].value
+    assert list(decisions["chance it is wrong"]) == ["", "0.4%"]
+    assert list(decisions["similarity"]) == ["", "92%"]
