@@ -31,6 +31,11 @@ def _open(db: Path, readonly: bool = True):
     return open_repository(f"sqlite:///{db}", readonly=readonly)
 
 
+def _clips_produced(log: str) -> int:
+    """Clips the cameras sent, from the watcher's summary lines ("..., 18 clips)")."""
+    return sum(int(n) for n in re.findall(r"^  camera .*, (\d+) clips", log, re.MULTILINE))
+
+
 def _assert_sound(db: Path) -> None:
     """Integrity ok, no open tracklet, every stored descriptor finite."""
     with _open(db) as repo:
@@ -139,8 +144,7 @@ def test_encoder_out_of_memory_and_a_non_finite_descriptor(tmp_path, weights):
     assert re.search(r"encoder out of memory on (\d+) clips; batch size now (\d+)",
                      result.stderr), result.stderr[-3000:]
     assert "1 clips set aside: their descriptors were not finite" in result.stderr
-    produced = sum(int(part.split(" clips")[0].rsplit(", ", 1)[1])
-                   for part in result.stderr.splitlines() if part.startswith("  camera "))
+    produced = _clips_produced(result.stderr)
     _assert_sound(tmp_path / "watch.db")
     with _open(tmp_path / "watch.db") as repo:
         assert repo.stats().clips == produced - 1  # everything but the set-aside clip
@@ -188,8 +192,7 @@ def test_full_disk_is_reported_and_everything_is_stored_once_there_is_room(tmp_p
     log = process.log.read_text()
     assert process.returncode == 0, log[-3000:]
     assert "disk is full" in log
-    produced = sum(int(part.split(" clips")[0].rsplit(", ", 1)[1])
-                   for part in log.splitlines() if part.startswith("  camera "))
+    produced = _clips_produced(log)
     _assert_sound(db)
     with _open(db) as repo:
         assert repo.stats().clips == produced
