@@ -33,7 +33,7 @@ def _open(db: Path, readonly: bool = True):
 
 def _clips_produced(log: str) -> int:
     """Clips the cameras sent, from the watcher's summary lines ("..., 18 clips)")."""
-    return sum(int(n) for n in re.findall(r"^  camera .*, (\d+) clips", log, re.MULTILINE))
+    return sum(int(n) for n in re.findall(r"^  camera .*?, (\d+) clips", log, re.MULTILINE))
 
 
 def _assert_sound(db: Path) -> None:
