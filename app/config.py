@@ -120,7 +120,7 @@ class ReidConfig:
     """The encoder. `checkpoint` None = untrained weights (said loudly at start-up).
 
     `runtime`: auto | torch | openvino | onnxruntime (`reid.Encoder`; the exported graph runs on
-    the CPU; auto = OpenVINO on a CPU when installed, torch on CUDA)."""
+    the CPU; auto = ONNX Runtime on a CPU when installed (OpenVINO for bf16), torch on CUDA)."""
 
     checkpoint: str | None = None
     model: str = "keyreid_vit_tiny"

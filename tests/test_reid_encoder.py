@@ -210,8 +210,10 @@ def test_runtime_choice_and_torch_fallbacks(tmp_path, monkeypatch, caplog):
     assert encoder_module.resolve_runtime("auto", torch.device("cuda"))[0] == "torch"
     with pytest.raises(ValueError, match="tensorrt"):
         reid.Encoder(device="cpu", runtime="tensorrt", **TINY)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert encoder_module.resolve_runtime("auto", cpu)[0] == "onnxruntime"  # fastest fp32 here
     if importlib.util.find_spec("openvino") is not None:
-        assert encoder_module.resolve_runtime("auto", cpu)[0] == "openvino"
+        assert encoder_module.resolve_runtime("auto", cpu, "bf16")[0] == "openvino"
         with pytest.raises(ValueError, match="fp16"):
             reid.Encoder(device="cpu", runtime="openvino", precision="fp16", export_dir=tmp_path, **TINY)
     with pytest.raises(ValueError, match="bf16"):
