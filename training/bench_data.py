@@ -27,7 +27,7 @@ import torch.utils.data
 from training.evaluate import default_keypoints, load_dataset, parse_key_values
 from training.packed import DATA_FORMATS, INDEX_NAME, PACKED_DIR, FileFrames, PackedFrames, frame_reader
 from training.sampling import RandomIdentitySampler
-from training.transforms import ClipDataset, collate_clips, limit_worker_threads
+from training.transforms import ClipDataset, collate_clips, limit_worker_threads, worker_context
 
 MARS_TRAIN_TRACKLETS = 8298  # one clip per training tracklet and epoch (the sampler's epoch)
 
@@ -37,7 +37,8 @@ def loader_rate(dataset: ClipDataset, sampler: RandomIdentitySampler, workers: i
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          collate_fn=collate_clips, persistent_workers=workers > 0,
                                          prefetch_factor=4 if workers else None,
-                                         worker_init_fn=limit_worker_threads if workers else None)
+                                         worker_init_fn=limit_worker_threads if workers else None,
+                                         multiprocessing_context=worker_context(workers))
     clips, started = 0, None
     while started is None or time.perf_counter() - started < seconds:
         for batch in loader:

@@ -43,7 +43,7 @@ from training.datasets import build_dataset
 from training.metrics import AP_MODES, evaluate_ranking, mean_per_tracklet
 from training.packed import frame_reader
 from training.records import KEYPOINT_BACKENDS, Dataset, TrackletRecord
-from training.transforms import ClipDataset, collate_clips, limit_worker_threads
+from training.transforms import ClipDataset, collate_clips, limit_worker_threads, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def extract_descriptors(model: KeyReID, records: Sequence[TrackletRecord], devic
     clips = ClipDataset(records, mode="test", T=config.num_frames, size=config.img_size, frames=frames)
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_clips, pin_memory=device.type == "cuda",
-                                         worker_init_fn=limit_worker_threads if workers > 0 else None)
+                                         worker_init_fn=limit_worker_threads if workers > 0 else None,
+                                         multiprocessing_context=worker_context(workers))
     was_training = model.training
     model.eval()
     features, owners = [], []

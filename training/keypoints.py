@@ -37,7 +37,7 @@ from reid.keypoints import NUM_KEYPOINTS
 from training.datasets import build_dataset
 from training.evaluate import parse_key_values
 from training.records import TrackletRecord, keypoint_cache_path
-from training.transforms import limit_worker_threads, load_frame
+from training.transforms import limit_worker_threads, load_frame, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def extract_keypoints(records: Sequence[TrackletRecord], root: str | Path, backe
         else:
             todo.append(record)
     loader = torch.utils.data.DataLoader(_TrackletFrames(todo), batch_size=None, shuffle=False, num_workers=workers,
-                                         collate_fn=_unchanged, worker_init_fn=limit_worker_threads if workers else None)
+                                         collate_fn=_unchanged, worker_init_fn=limit_worker_threads if workers else None,
+                                         multiprocessing_context=worker_context(workers))
     pending: list[tuple[int, list[np.ndarray]]] = []
     started = time.perf_counter()
 

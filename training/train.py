@@ -62,7 +62,7 @@ from training.packed import DATA_FORMATS, frame_reader
 from training.provenance import check_keypoint_coverage, dataset_fingerprint, git_commit, keypoint_coverage
 from training.records import KEYPOINT_BACKENDS, Dataset
 from training.sampling import RandomIdentitySampler
-from training.transforms import ClipDataset, collate_clips, limit_worker_threads
+from training.transforms import ClipDataset, collate_clips, limit_worker_threads, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,8 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             self.train_clips, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_clips,
             generator=generator, pin_memory=self.device.type == "cuda", persistent_workers=persistent,
-            prefetch_factor=4 if workers > 0 else None, worker_init_fn=limit_worker_threads if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=limit_worker_threads if workers > 0 else None,
+            multiprocessing_context=worker_context(workers))
         if persistent:
             self._train_loader = loader
         return loader

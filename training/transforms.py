@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -175,6 +176,17 @@ def collate_clips(batch: Sequence[dict]) -> dict[str, torch.Tensor]:
     for key in ("pid", "camid", "tracklet"):
         out[key] = torch.tensor([int(item[key]) for item in batch], dtype=torch.int64)
     return out
+
+
+def worker_context(workers: int):
+    """The start method of DataLoader workers: "forkserver", never a plain fork.
+
+    A worker forked from a process whose OpenCV or OpenMP thread pools are running inherits the
+    pools' locks but not their threads, and its first `cv2.setNumThreads` (or a parallel cv2
+    call) can wait forever: seen in the full test suite, where YOLO had run in the parent
+    before `training.keypoints` started its loader. Workers forked from the clean fork server
+    inherit no threads at all."""
+    return multiprocessing.get_context("forkserver") if workers > 0 else None
 
 
 def limit_worker_threads(_: int = 0) -> None:
