@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoints import file_digest
 from .model import KeyReID
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,6 @@ def graph_key(model: KeyReID) -> str:
     return digest.hexdigest()[:20]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_onnx(model: KeyReID, name: str, export_dir: str | os.PathLike | None = None) -> Path:
     """The ONNX export of `model`, made on first use in `export_dir` and checked on reuse (a
     file whose checksum no longer matches is exported again)."""
@@ -115,7 +108,7 @@ def cached_onnx(model: KeyReID, name: str, export_dir: str | os.PathLike | None 
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
         try:
-            if json.loads(sidecar.read_text()).get("sha256") == _sha256(path):
+            if json.loads(sidecar.read_text()).get("sha256") == file_digest(path, length=64):
                 log.info("encoder: reusing the ONNX export %s", path)
                 os.utime(path)  # most recently used: kept by `_prune`
                 return path
@@ -127,7 +120,7 @@ def cached_onnx(model: KeyReID, name: str, export_dir: str | os.PathLike | None 
     os.close(handle)
     try:
         export_onnx(model, staging)
-        sidecar.write_text(json.dumps({"sha256": _sha256(Path(staging)), "model": name}))
+        sidecar.write_text(json.dumps({"sha256": file_digest(staging, length=64), "model": name}))
         os.replace(staging, path)  # concurrent exporters write identical files; last one wins
     finally:
         Path(staging).unlink(missing_ok=True)

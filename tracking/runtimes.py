@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -26,6 +25,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from reid.checkpoints import file_digest
 
 LOG = logging.getLogger(__name__)
 
@@ -80,18 +81,10 @@ def default_export_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/keyreid").expanduser() / "exports"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_key(weights: Path, imgsz: int, runtime: str) -> dict[str, Any]:
     """Everything an export depends on; a change in any of these means a new export."""
     return {
-        "weights_sha256": file_sha256(weights),
+        "weights_sha256": file_digest(weights, length=64),
         "imgsz": int(imgsz),
         "runtime": runtime,
         "runtime_version": importlib.metadata.version(_DISTRIBUTIONS[runtime]),
@@ -130,7 +123,7 @@ def verify_export(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if file_sha256(path) != digest:
+        if file_digest(path, length=64) != digest:
             return f"{name} does not match its checksum"
     return None
 
@@ -177,7 +170,7 @@ def exported_model(weights: str | os.PathLike, imgsz: int, runtime: str,
         try:
             model = _export(weights, imgsz, runtime, staging)
             _check_loads(model, runtime)
-            files = {str(p.relative_to(staging)): file_sha256(p)
+            files = {str(p.relative_to(staging)): file_digest(p, length=64)
                      for p in sorted(staging.rglob("*")) if p.is_file()}
             manifest = {**key, "weights": str(weights), "model": str(model.relative_to(staging)),
                         "files": files}
