@@ -35,8 +35,16 @@ from typing import Callable
 
 import numpy as np
 
-from storage import NewClip, Repository, StorageError, StorageUnavailableError, open_repository
-from tracking.linking import Decision, Linker, LinkerConfig, TrackletSummary
+from storage import (
+    OPERATOR_KINDS,
+    NewClip,
+    Repository,
+    StorageError,
+    StorageUnavailableError,
+    open_repository,
+)
+from storage.similarity import unit
+from tracking.linking import Calibrator, Decision, Linker, LinkerConfig, Member, TrackletSummary
 from tracking.redact import log_with_redaction, redact
 
 from .config import CameraConfig, ConfigError, WatchConfig, load_config
@@ -46,10 +54,10 @@ LOG = logging.getLogger("keyreid.watch")
 DB_STATUS_INTERVAL_S = 2.0
 LOG_STATUS_INTERVAL_S = 10.0
 DEATH_GRACE_S = 1.0  # after a worker dies, how long its last complete messages may take to arrive
-OPERATOR_KINDS = ("merged", "split")
 RETENTION_SLICE_S = 2.0  # at most this long per retention call (it resumes at the next)
 RELINK_INTERVAL_S = 1.0  # pending tracklets are re-decided this often
 CALIBRATION_INTERVAL_S = 10.0  # the linker's separation is stored this often
+CALIBRATION_SAMPLES_KEPT = 2000  # recent labels per class stored with it, for the next run
 
 EXIT_OK, EXIT_CAMERA_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -242,11 +250,14 @@ class Watcher:
         self.encoder = EncoderService(config.reid)
         self.tracklets: dict[tuple[str, int], _Tracklet] = {}
         linking = config.linking
-        self.linker = Linker(LinkerConfig(target_false_link=linking.target_false_link,
-                                          margin=linking.margin, mutual=linking.mutual,
-                                          time_window=linking.time_window,
-                                          transit_prior=linking.transit_prior),
-                             record=self._record_decision)
+        linker_config = LinkerConfig(target_false_link=linking.target_false_link,
+                                     margin=linking.margin, mutual=linking.mutual,
+                                     time_window=linking.time_window,
+                                     transit_prior=linking.transit_prior)
+        self.linker = Linker(linker_config, record=self._record_decision,
+                             calibrator=self._earlier_calibration(linker_config))
+        if linking.enabled and not self.start_over:
+            self._continue_identities()
         self.last_relink = self.last_calibration = 0.0
         self.last_operator_change = repo.last_decision_id()
         self.spool: deque[_Write] = deque()
@@ -514,6 +525,50 @@ class Watcher:
         return False
 
     # -- linking ---------------------------------------------------------------------------------
+    def _earlier_calibration(self, config: LinkerConfig) -> Calibrator:
+        """The labels of the newest earlier run of this model: a restarted watcher decides with
+        what it had learnt instead of waiting for 50 new labels of each kind."""
+        model_id = self.encoder.model_id
+        calibrator = Calibrator(config.calibration, model_id)
+        if self.start_over or not self.config.linking.enabled:
+            return calibrator
+        for run in sorted(self.repo.list_runs(), key=lambda r: r.id, reverse=True):
+            stored = run.calibration or {}
+            if run.id != self.run_id and stored.get("model_id") == model_id \
+                    and stored.get("genuine_samples") is not None:
+                calibrator = Calibrator(config.calibration, model_id,
+                                        stored["genuine_samples"], stored["impostor_samples"])
+                LOG.info("linker calibration continues from run %d: %s", run.id,
+                         calibrator.status())
+                break
+        return calibrator
+
+    def _continue_identities(self) -> None:
+        """Identities seen within the time window (wall clock) stay candidates across a
+        restart: their members are loaded with their descriptors, prototypes rebuilt."""
+        window = self.config.linking.time_window
+        since = time.time() - window if window is not None else -np.inf
+        snapshots = self.repo.recent_identities(since, self.encoder.model_id)
+        for snapshot in snapshots:
+            members = [Member(m.tracklet_id, m.camera_id, m.first_time, m.last_time, m.descriptor)
+                       for m in snapshot.members]
+            total = np.sum([m.descriptor for m in snapshot.members], axis=0)
+            self.linker.add_identity(snapshot.identity_id, unit(total), members,
+                                     weight=float(np.linalg.norm(total)))
+        if snapshots:
+            LOG.info("linking continues %d identities of earlier runs (seen in the last %s)",
+                     len(snapshots), "any time" if window is None else f"{window:.0f} s")
+
+    def _calibration_record(self) -> dict:
+        """What `runs.calibration` holds: the separation figures the dashboard shows, and the
+        most recent labels, which the next run of this model starts from."""
+        calibrator = self.linker.calibrator
+        recent = lambda values: [round(float(v), 5)  # noqa: E731
+                                 for v in values[-CALIBRATION_SAMPLES_KEPT:]]
+        return {**asdict(self.linker.separation()), "model_id": calibrator.model_id,
+                "genuine_samples": recent(calibrator.genuine_samples()),
+                "impostor_samples": recent(calibrator.impostor_samples())}
+
     def _record_decision(self, decision: Decision) -> int:
         """The linker's hook: store a "new" or "linked" decision, with its evidence."""
         evidence = {"margin": decision.margin, "false_link": decision.false_link,
@@ -531,14 +586,38 @@ class Watcher:
         return identity
 
     def _sync_operator_changes(self) -> None:
-        """Merges and splits made in the dashboard since the last look become linker facts."""
+        """The operator's decisions in the dashboard since the last look become linker facts:
+        merged / confirmed = must-link, split / rejected = cannot-link."""
         for change in self.repo.link_decisions(kinds=OPERATOR_KINDS,
                                                after_id=self.last_operator_change):
             if change.kind == "merged":
                 self.linker.merge(change.identity_id, change.candidate_identity_id)
-            else:
+            elif change.kind == "split":
                 self.linker.split(change.tracklet_id, change.identity_id)
+            elif change.kind == "confirmed":
+                self._apply_confirmation(change.tracklet_id, change.identity_id)
+            else:
+                self._apply_rejection(change.tracklet_id, change.identity_id)
             self.last_operator_change = change.id
+
+    def _apply_rejection(self, tracklet_id: int, identity_id: int) -> None:
+        """An operator's cannot-link; if the linker joined the two since the click, the
+        operator wins: the tracklet is split out again."""
+        if self.linker.identity_of(tracklet_id) == identity_id:
+            new_id = self.repo.split_tracklet(
+                tracklet_id, note="operator's rejection applied by the watcher")
+            self.linker.split(tracklet_id, new_id)
+        self.linker.cannot_link(tracklet_id, identity_id)
+
+    def _apply_confirmation(self, tracklet_id: int, identity_id: int) -> None:
+        """An operator's must-link. The linker may have decided the tracklet between the
+        operator's click and this look (its record overwrote the confirmation): the operator
+        wins, so the confirmation is written again."""
+        self.linker.must_link(tracklet_id, identity_id)
+        tracklet = self.repo.get_tracklet(tracklet_id)
+        if tracklet is not None and tracklet.identity_id != identity_id:
+            self.repo.confirm_link(tracklet_id, identity_id,
+                                   note="operator's confirmation applied again by the watcher")
 
     def _link_ready(self, final: bool = False) -> None:
         """Hand tracklets that ended, with every clip stored, to the linker (all remaining ones
@@ -574,9 +653,9 @@ class Watcher:
         self.timing["link"] += time.monotonic() - now
         if final or now - self.last_calibration >= CALIBRATION_INTERVAL_S:
             self.last_calibration = now
-            separation = asdict(self.linker.separation())
+            calibration = self._calibration_record()
             self._direct("the linker's calibration",
-                         lambda: self.repo.update_run_calibration(self.run_id, separation))
+                         lambda: self.repo.update_run_calibration(self.run_id, calibration))
 
     # -- cameras -----------------------------------------------------------------------------------
     def _check_processes(self, now: float) -> None:

@@ -12,8 +12,11 @@ from typing import Literal
 
 import numpy as np
 
-LinkKind = Literal["new", "linked", "merged", "split"]
-LINK_KINDS: tuple[str, ...] = ("new", "linked", "merged", "split")
+LinkKind = Literal["new", "linked", "merged", "split", "confirmed", "rejected"]
+LINK_KINDS: tuple[str, ...] = ("new", "linked", "merged", "split", "confirmed", "rejected")
+# Decisions an operator made in the dashboard; a running linker applies them as constraints:
+# merged / confirmed = must-link, split / rejected = cannot-link.
+OPERATOR_KINDS: tuple[str, ...] = ("merged", "split", "confirmed", "rejected")
 DescriptorDtype = Literal["float16", "float32"]
 
 
@@ -128,6 +131,24 @@ class IdentityRecord:
     first_time: float | None
     last_time: float | None
     merged_into: int | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class IdentityMember:
+    """A member tracklet as a restarted linker loads it; `descriptor` is its unit tracklet
+    descriptor (`storage.similarity.tracklet_descriptor`); times on the wall-clock axis."""
+
+    tracklet_id: int
+    camera_id: str
+    first_time: float
+    last_time: float
+    descriptor: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class IdentitySnapshot:
+    identity_id: int
+    members: tuple[IdentityMember, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,9 @@ from .records import (
     ActivityBucket,
     CameraRecord,
     ClipRecord,
+    IdentityMember,
     IdentityRecord,
+    IdentitySnapshot,
     LinkDecisionRecord,
     NewClip,
     RepairReport,
@@ -66,6 +68,7 @@ from .schema import (
     write_schema_version,
 )
 from .search import GalleryIndex
+from .similarity import tracklet_descriptor
 
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 # The time axis of filters, listings, timelines and search: the capture wall-clock time where
@@ -578,6 +581,112 @@ class Repository:
             tracklet.identity_id = identity.id
             self._decide(s, tracklet_id, identity.id, "split", None, old, note)
             return identity.id
+
+    def confirm_link(self, tracklet_id: int, identity_id: int, note: str | None = None) -> int:
+        """Operator must-link: the tracklet belongs to `identity_id` (merges followed); returns
+        the identity it joined. A tracklet alone in an identity takes it along (merged away into
+        the target, so decisions naming it stay explainable); a member of a larger identity just
+        moves. Recorded as "confirmed"; the running linker applies it at once."""
+        with self._write() as s:
+            tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            target = self._resolve_merges(s, identity_id)
+            self._live_identity(s, target)
+            old = tracklet.identity_id
+            if old == target:
+                return target
+            tracklet.identity_id = target
+            self._decide(s, tracklet_id, target, "confirmed", None, old, note)
+            if old is not None and not s.scalar(select(func.count(Tracklet.id))
+                                                .where(Tracklet.identity_id == old)):
+                self._get(s, Identity, old, "identity").merged_into = target
+            return target
+
+    def reject_link(self, tracklet_id: int, identity_id: int, note: str | None = None) -> None:
+        """Operator cannot-link: the tracklet must never join `identity_id` (merges followed).
+        Recorded as "rejected" (identity_id = the rejected identity). For a tracklet that is a
+        member of that identity use `split_tracklet`."""
+        with self._write() as s:
+            tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
+            target = self._resolve_merges(s, identity_id)
+            if tracklet.identity_id == target:
+                raise StorageError(f"tracklet {tracklet_id} is a member of identity {target}: "
+                                   "split it out instead of rejecting the link")
+            self._decide(s, tracklet_id, target, "rejected", None, tracklet.identity_id, note)
+
+    def rejected_identities(self, tracklet_id: int) -> set[int]:
+        """Identities an operator ruled out for this tracklet (as they are now, after merges)."""
+        with self._read() as s:
+            rejected = s.scalars(select(LinkDecision.identity_id).where(
+                LinkDecision.tracklet_id == tracklet_id, LinkDecision.kind == "rejected"))
+            return {self._resolve_merges(s, identity_id) for identity_id in rejected}
+
+    def _unlinked_filter(self, camera_ids) -> list:
+        """Finished tracklets the linker left alone: no identity yet (still pending in a running
+        watcher), or alone in an identity it opened without being confident that this is a new
+        person ("new" decisions other than "confidently nobody known")."""
+        members = (select(func.count(Tracklet.id)).where(Tracklet.identity_id == Identity.id)
+                   .correlate(Identity).scalar_subquery())
+        latest = (select(func.max(LinkDecision.id)).where(LinkDecision.tracklet_id == Tracklet.id)
+                  .correlate(Tracklet).scalar_subquery())
+        alone_unsure = (
+            select(Identity.id)
+            .join(LinkDecision, LinkDecision.id == latest)
+            .where(Identity.id == Tracklet.identity_id, Identity.merged_into.is_(None),
+                   members == 1, LinkDecision.kind == "new",
+                   or_(LinkDecision.reason.is_(None),
+                       LinkDecision.reason.not_like("confidently nobody known%")))
+            .correlate(Tracklet).exists()
+        )
+        conditions = [Tracklet.finished.is_(True),
+                      or_(Tracklet.identity_id.is_(None), alone_unsure)]
+        if camera_ids is not None:
+            conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
+        return conditions
+
+    def unlinked_tracklets(self, *, camera_ids: Iterable[str] | None = None, offset: int = 0,
+                           limit: int | None = None,
+                           thumbnails: bool = True) -> list[TrackletRecord]:
+        """Tracklets waiting for an operator (see `_unlinked_filter`), newest first."""
+        query = (select(Tracklet).where(*self._unlinked_filter(camera_ids))
+                 .order_by(_FIRST_SEEN.desc(), Tracklet.id.desc()).offset(offset).limit(limit))
+        with self._read() as s:
+            return [_tracklet_record(t, thumbnails) for t in s.scalars(query)]
+
+    def count_unlinked(self, camera_ids: Iterable[str] | None = None) -> int:
+        with self._read() as s:
+            return s.scalar(select(func.count(Tracklet.id))
+                            .where(*self._unlinked_filter(camera_ids))) or 0
+
+    def recent_identities(self, since: float, model_id: str) -> list[IdentitySnapshot]:
+        """Live identities with a member seen at or after `since` (wall-clock seconds), each
+        with every member's unit tracklet descriptor of `model_id` (members without a clip of
+        that model are left out): what a restarted linker needs to continue them."""
+        with self._read() as s:
+            recent = (select(Tracklet.identity_id).where(Tracklet.identity_id.is_not(None),
+                                                          _LAST_SEEN >= since).distinct())
+            rows = s.execute(
+                select(Tracklet.identity_id, Tracklet.id, Tracklet.camera_id, _FIRST_SEEN,
+                       _LAST_SEEN)
+                .join(Identity, Identity.id == Tracklet.identity_id)
+                .where(Tracklet.identity_id.in_(recent), Identity.merged_into.is_(None))
+                .order_by(Tracklet.identity_id, _FIRST_SEEN, Tracklet.id)).all()
+            clips: dict[int, list[np.ndarray]] = {}
+            ids = [row[1] for row in rows]
+            for start in range(0, len(ids), 500):
+                for tracklet_id, blob, dtype, dim in s.execute(
+                        select(Clip.tracklet_id, Clip.descriptor, Clip.descriptor_dtype,
+                               Clip.descriptor_dim)
+                        .where(Clip.tracklet_id.in_(ids[start:start + 500]),
+                               Clip.model_id == model_id)):
+                    clips.setdefault(tracklet_id, []).append(decode_descriptor(blob, dtype, dim))
+        snapshots: dict[int, list[IdentityMember]] = {}
+        for identity_id, tracklet_id, camera_id, first, last in rows:
+            if tracklet_id in clips:
+                snapshots.setdefault(identity_id, []).append(IdentityMember(
+                    tracklet_id, camera_id, float(first), float(last),
+                    tracklet_descriptor(np.stack(clips[tracklet_id]))))
+        return [IdentitySnapshot(identity_id, tuple(members))
+                for identity_id, members in snapshots.items()]
 
     def get_identity(self, identity_id: int) -> IdentityRecord | None:
         with self._read() as s:

@@ -32,8 +32,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import StorageError
+from .records import LINK_KINDS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -146,7 +147,8 @@ class Clip(Base):
 class LinkDecision(Base):
     __tablename__ = "link_decisions"
     __table_args__ = (
-        CheckConstraint("kind IN ('new', 'linked', 'merged', 'split')", name="ck_link_kind"),
+        CheckConstraint(f"kind IN ({', '.join(repr(k) for k in LINK_KINDS)})",
+                        name="ck_link_kind"),
         Index("ix_link_decisions_candidate", "candidate_identity_id"),  # v2
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -197,10 +199,33 @@ def _v2(conn: Connection) -> None:
     conn.exec_driver_sql("UPDATE clips SET thumbnail = NULL")
 
 
+def _v3(conn: Connection) -> None:
+    """Widen the decision kinds by the operator's "confirmed" (must-link) and "rejected"
+    (cannot-link). SQLite cannot alter a CHECK constraint, so there the table is rebuilt (the
+    documented rename / create / copy / drop); other databases replace the constraint."""
+    table = LinkDecision.__table__
+    if conn.dialect.name != "sqlite":
+        conn.exec_driver_sql("ALTER TABLE link_decisions DROP CONSTRAINT ck_link_kind")
+        conn.exec_driver_sql("ALTER TABLE link_decisions ADD CONSTRAINT ck_link_kind CHECK "
+                             f"(kind IN ({', '.join(repr(k) for k in LINK_KINDS)}))")
+        return
+    for (index,) in conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'link_decisions' "
+            "AND sql IS NOT NULL").all():
+        conn.exec_driver_sql(f'DROP INDEX "{index}"')
+    conn.exec_driver_sql("ALTER TABLE link_decisions RENAME TO link_decisions_v2")
+    table.create(conn)
+    columns = ", ".join(column.name for column in table.columns)
+    conn.exec_driver_sql(f"INSERT INTO link_decisions ({columns}) "
+                         f"SELECT {columns} FROM link_decisions_v2")
+    conn.exec_driver_sql("DROP TABLE link_decisions_v2")
+
+
 # Ordered upgrades for databases created by older releases.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "wall-clock times, camera status reasons and counters, tracklet end reasons, "
                  "link evidence, run calibration; per-clip thumbnails dropped", _v2),
+    Migration(3, "operator decisions: confirmed (must-link) and rejected (cannot-link)", _v3),
 )
 
 

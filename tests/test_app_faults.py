@@ -1,5 +1,5 @@
 """keyreid-watch under ordinary faults, each on real processes: a worker killed half-way through a
-message, SIGTERM to the whole process group, operator merges and splits while linking, encoder
+message, SIGTERM to the whole process group, operator merges, splits, confirmations and rejections while linking, encoder
 out-of-memory and a non-finite descriptor, a full disk, a live camera that is down at start and
 one with an outage, a restart after kill -9, and a password in a camera URL."""
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_sigterm_to_the_process_group_stops_cleanly(tmp_path, weights):
         assert repo.list_runs()[-1].status == "stopped"
 
 
-def test_operator_merge_and_split_while_the_watcher_links(tmp_path, weights):
+def test_operator_merge_split_confirm_and_reject_while_the_watcher_links(tmp_path, weights):
     bus_video(tmp_path / "bus.mkv", 200)
     config = watcher_config(tmp_path, weights, HALVES)
     text = config.read_text().replace("clips: {window: 8, overlap: 4, lost_after: 10}",
@@ -112,12 +112,17 @@ def test_operator_merge_and_split_while_the_watcher_links(tmp_path, weights):
                     return repo.count_identities()
             except Exception:  # noqa: BLE001 - not created yet
                 return 0
-        wait_for(lambda: identities() >= 2, 180, "two identities", process)
+        wait_for(lambda: identities() >= 4, 180, "four identities", process)
         with _open(db, readonly=False) as operator:  # the dashboard's write path
-            keep, merged, *_ = [i.id for i in operator.list_identities()]
+            keep, merged, confirmed_from, rejecting, *_ = [i.id for i in
+                                                           operator.list_identities()]
             operator.merge_identities(keep, merged, note="operator")
             member = operator.identity_members(keep, thumbnails=False)[0]
             split_into = operator.split_tracklet(member.id, note="operator")
+            confirmed = operator.identity_members(confirmed_from, thumbnails=False)[0]
+            operator.confirm_link(confirmed.id, keep, note="operator")
+            rejected = operator.identity_members(rejecting, thumbnails=False)[0]
+            operator.reject_link(rejected.id, keep, note="operator")
             after = operator.last_decision_id()
         process.wait(timeout=240)
     finally:
@@ -132,6 +137,9 @@ def test_operator_merge_and_split_while_the_watcher_links(tmp_path, weights):
         assert all(d.identity_id != merged for d in later)  # merged away: never linked again
         assert repo.get_tracklet(member.id).identity_id == split_into
         assert repo.get_identity(merged).merged_into == keep
+        assert repo.get_tracklet(confirmed.id).identity_id == keep
+        assert repo.get_tracklet(rejected.id).identity_id != keep
+        assert repo.rejected_identities(rejected.id) == {keep}
 
 
 def test_encoder_out_of_memory_and_a_non_finite_descriptor(tmp_path, weights):

@@ -35,9 +35,35 @@ V2_COLUMNS = {"cameras": ("status_reason", "reconnects", "restarts", "last_frame
               "link_decisions": ("margin", "false_link", "reason"), "runs": ("calibration",)}
 
 
-def _v1_database(path) -> None:
-    """A database as release 1 wrote it: today's tables without the v2 columns, version 1."""
+def _as_v2(path) -> None:
+    """Turn a database into one as release 2 wrote it, rows kept: decision kinds without the
+    operator's "confirmed" and "rejected" (the CHECK constraint as v2 created it), version 2."""
+    con = sqlite3.connect(path)
+    table_sql, = con.execute("SELECT sql FROM sqlite_master WHERE name = 'link_decisions'").fetchone()
+    index_sql = [sql for (sql,) in con.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'link_decisions' "
+        "AND sql IS NOT NULL")]
+    v2_sql = table_sql.replace(", 'confirmed', 'rejected'", "")
+    assert v2_sql != table_sql
+    con.execute("ALTER TABLE link_decisions RENAME TO current_decisions")
+    con.execute(v2_sql)
+    con.execute("INSERT INTO link_decisions SELECT * FROM current_decisions")
+    con.execute("DROP TABLE current_decisions")
+    for sql in index_sql:
+        con.execute(sql)
+    con.commit()
+    con.close()
+    _set_version(path, 2)
+
+
+def _v2_database(path) -> None:
     open_repository(f"sqlite:///{path}").close()
+    _as_v2(path)
+
+
+def _v1_database(path) -> None:
+    """A database as release 1 wrote it: release 2's tables without the v2 columns, version 1."""
+    _v2_database(path)
     con = sqlite3.connect(path)
     for index in ("ix_tracklets_created", "ix_identities_merged_into",
                   "ix_link_decisions_candidate"):
@@ -81,9 +107,9 @@ def test_newer_schema_is_refused_by_writer_and_reader_and_left_untouched(tmp_pat
     assert _digest(path) == before
 
 
-def test_v1_database_is_migrated_to_v2(tmp_path):
-    """The real v2 migration: wall-clock and status columns added, data kept, clip thumbnails
-    (never shown) freed; a reader may not migrate, it asks for the writer."""
+def test_v1_database_is_migrated(tmp_path):
+    """The real v2 (and v3) migrations: wall-clock and status columns added, data kept, clip
+    thumbnails (never shown) freed; a reader may not migrate, it asks for the writer."""
     path = tmp_path / "old.db"
     _v1_database(path)
     con = sqlite3.connect(path)
@@ -91,10 +117,10 @@ def test_v1_database_is_migrated_to_v2(tmp_path):
                 "VALUES ('a', 'Gate', '/v.avi', 3, '2026-01-01 00:00:00')")
     con.commit()
     con.close()
-    with pytest.raises(StorageError, match="schema version 1, this program needs 2"):
+    with pytest.raises(StorageError, match=f"schema version 1, this program needs {SCHEMA_VERSION}"):
         open_repository(f"sqlite:///{path}", readonly=True)
     with open_repository(f"sqlite:///{path}") as repo:
-        assert repo.schema_version == 2
+        assert repo.schema_version == SCHEMA_VERSION
         (camera,) = repo.list_cameras()
         assert (camera.name, camera.frames_processed, camera.restarts) == ("Gate", 3, 0)
         run = repo.start_run({})
@@ -103,7 +129,42 @@ def test_v1_database_is_migrated_to_v2(tmp_path):
     con = sqlite3.connect(path)
     for table, columns in V2_COLUMNS.items():
         assert set(columns) <= {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
-    assert con.execute("SELECT value FROM schema_meta").fetchone() == ("2",)
+    assert con.execute("SELECT value FROM schema_meta").fetchone() == (str(SCHEMA_VERSION),)
+    con.close()
+
+
+def test_v2_database_is_migrated_to_v3(tmp_path):
+    """The v3 migration rebuilds the decisions table with the operator's kinds: every decision
+    and index is kept, and a rejection (refused by v2's CHECK) can be stored."""
+    path = tmp_path / "v2.db"
+    with open_repository(f"sqlite:///{path}") as repo:
+        run = repo.start_run({})
+        repo.upsert_camera("a")
+        first = repo.add_tracklet(run, "a", 1, 0, 0.0)
+        second = repo.add_tracklet(run, "a", 2, 0, 0.0)
+        identity = repo.open_identity(first, evidence={"margin": 0.2, "reason": "no candidates"})
+    _as_v2(path)
+    con = sqlite3.connect(path)
+    indexes_before = {name for (name,) in con.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'link_decisions'")}
+    with pytest.raises(sqlite3.IntegrityError, match="ck_link_kind"):
+        con.execute("INSERT INTO link_decisions (tracklet_id, identity_id, kind, created_at) "
+                    "VALUES (?, ?, 'rejected', '2026-01-01')", (second, identity))
+    con.close()
+    with open_repository(f"sqlite:///{path}") as repo:
+        assert repo.schema_version == 3
+        (decision,) = repo.link_decisions()
+        assert (decision.tracklet_id, decision.kind, decision.margin, decision.reason) == \
+            (first, "new", 0.2, "no candidates")
+        repo.reject_link(second, identity)
+        assert repo.rejected_identities(second) == {identity}
+    con = sqlite3.connect(path)
+    assert {name for (name,) in con.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'link_decisions'"
+    )} == indexes_before
+    assert not con.execute("SELECT name FROM sqlite_master WHERE name = 'link_decisions_v2'"
+                           ).fetchall()
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     con.close()
 
 
@@ -115,7 +176,8 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
         conn.execute(text("ALTER TABLE cameras ADD COLUMN location TEXT"))
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(repository_module, "MIGRATIONS", (Migration(2, "broken", half_done),))
+    monkeypatch.setattr(repository_module, "MIGRATIONS",
+                        (Migration(2, "broken", half_done), Migration(3, "fine", lambda c: None)))
     with pytest.raises(RuntimeError, match="disk on fire"):
         open_repository(f"sqlite:///{path}")
     con = sqlite3.connect(path)
