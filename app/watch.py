@@ -653,6 +653,9 @@ class Watcher:
         self.timing["link"] += time.monotonic() - now
         if final or now - self.last_calibration >= CALIBRATION_INTERVAL_S:
             self.last_calibration = now
+            # Identities no tracklet can reach any more (outside the time window) leave memory;
+            # they stay in the database, and a restart within the window reloads them.
+            self.linker.evict(time.time())
             calibration = self._calibration_record()
             self._direct("the linker's calibration",
                          lambda: self.repo.update_run_calibration(self.run_id, calibration))
