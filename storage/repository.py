@@ -626,7 +626,8 @@ class Repository:
         person ("new" decisions other than "confidently nobody known")."""
         members = (select(func.count(Tracklet.id)).where(Tracklet.identity_id == Identity.id)
                    .correlate(Identity).scalar_subquery())
-        latest = (select(func.max(LinkDecision.id)).where(LinkDecision.tracklet_id == Tracklet.id)
+        latest = (select(func.max(LinkDecision.id))  # a rejected candidate leaves it unlinked
+                  .where(LinkDecision.tracklet_id == Tracklet.id, LinkDecision.kind != "rejected")
                   .correlate(Tracklet).scalar_subquery())
         alone_unsure = (
             select(Identity.id)

@@ -112,3 +112,12 @@ def test_recent_identities_carry_unit_member_descriptors_of_one_model(repo):
     assert len(repo.recent_identities(since=0.0, model_id="m1")) == 2
     assert repo.recent_identities(since=50.0, model_id="m3") == []
     assert unit(snapshot.members[0].descriptor).shape == (8,)
+
+
+def test_a_rejected_candidate_leaves_the_tracklet_unlinked(repo):
+    run = repo.start_run({})
+    a, b = _tracklet(repo, run, "a", 1, 0, 5), _tracklet(repo, run, "b", 1, 20, 25)
+    candidate = repo.open_identity(a, evidence=UNSURE)
+    repo.open_identity(b, evidence=UNSURE)
+    repo.reject_link(b, candidate)
+    assert [t.id for t in repo.unlinked_tracklets()] == [b, a]
