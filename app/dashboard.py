@@ -1,42 +1,53 @@
 """KeyRe-ID Watch dashboard (Streamlit): where else was this person seen, and when?
 
 Start it with `keyreid-dashboard --db URL`; it reads the database the watcher writes through a
-read-only storage repository (it never blocks the watcher). Merging identities and splitting
-a tracklet out are the only writes, each one short storage transaction.
+read-only storage repository (it never blocks the watcher). Merging identities, splitting a
+tracklet out, and confirming or rejecting a candidate link are the only writes, each one short
+storage transaction that the running watcher then follows.
 
-Pages: Overview, Search by tracklet, Search by upload, Identities. The URL carries the page
-and the selection (`?page=tracklet&tracklet=12`, `?page=identity&identity=3`), so a view can
-be bookmarked or shared.
+Pages: Overview (with the model-separation gauge), Search by tracklet, Search by upload,
+Identities (each one's journey across cameras), Unlinked tracklets (the ones the linker was not
+sure about, with their best candidates). The URL carries the page and the selection
+(`?page=tracklet&tracklet=12`, `?page=identity&identity=3`, `?page=unlinked`), so a view can be
+bookmarked or shared.
 """
 from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import altair as alt
+import numpy as np
 import streamlit as st
 
 from app.dashboard_data import (
     AnnotatedHit,
+    Candidate,
     DashboardError,
     DashboardSettings,
     EncoderChoice,
     activity_points,
     camera_rows,
+    candidate_identities,
     choose_encoder,
-    distance_scale,
+    confirm_link,
+    format_duration,
     format_time,
     is_wall_clock,
+    journey,
     merge_identities,
     open_readonly,
+    reject_link,
     search_by_descriptor,
     search_by_tracklet,
     split_tracklet,
     time_bounds,
+    transit_words,
+    unlinked_reason,
 )
 from app.dashboard_upload import ClipPolicy, UploadedFile, UploadError, build_query_clip
-from storage import GalleryIndex, Repository, StorageError
+from storage import GalleryIndex, Repository, StorageError, TrackletRecord
 from storage.similarity import similarity_percent
 
 PAGES = {
@@ -44,12 +55,17 @@ PAGES = {
     "tracklet": "Search by tracklet",
     "upload": "Search by upload",
     "identity": "Identities",
+    "unlinked": "Unlinked tracklets",
 }
 GRID_COLUMNS = 6
 GRID_PAGE_SIZE = 24
 IDENTITY_PAGE_SIZE = 50
+JOURNEY_PAGE_SIZE = 20
+UNLINKED_PAGE_SIZE = 10
+CANDIDATES = 3  # candidate identities shown per unlinked tracklet
 POSE_IMGSZ = 1280
 THUMBNAIL_WIDTH = 120
+SMALL_THUMBNAIL_WIDTH = 60  # journey and candidate rows: many per screen
 
 
 # -- cached resources (shared by every browser session of this server) -----------------------
@@ -131,20 +147,20 @@ def pager(label: str, total: int, page_size: int, key: str) -> int:
 
 
 def result_controls(index: GalleryIndex, key: str) -> tuple[int, float | None]:
-    """The result-count slider and the distance cut-off slider (its top means "no cut-off")."""
+    """The result-count slider and the similarity cut-off slider (0% means "no cut-off"), on the
+    one scale operators see everywhere (`storage.similarity`)."""
     left, right = st.columns(2)
     k = left.slider("Results", min_value=1, max_value=50, value=10, key=f"{key}_k")
-    top = round(distance_scale(index), 2)
-    cut = right.slider("Distance cut-off", min_value=0.0, max_value=top, value=top,
-                       step=max(top / 200, 0.01), key=f"{key}_cut",
-                       help="Hide matches farther than this (Euclidean distance between "
-                            "descriptors). At the far right nothing is hidden.")
-    return k, None if cut >= top else float(cut)
+    least = right.slider("Minimum similarity (%)", min_value=0, max_value=100, value=0,
+                         key=f"{key}_cut",
+                         help="Hide matches less similar than this (cosine similarity of the "
+                              "tracklet descriptors). At 0 nothing is hidden.")
+    return k, None if least <= 0 else float(np.sqrt(2.0 - 2.0 * least / 100.0))
 
 
 def show_results(results: list[AnnotatedHit], cameras: dict[str, str]) -> None:
     if not results:
-        st.info("No match within the filters and the distance cut-off.")
+        st.info("No match within the filters and the similarity cut-off.")
         return
     st.subheader(f"{len(results)} match{'es' if len(results) != 1 else ''}")
     for start in range(0, len(results), GRID_COLUMNS):
@@ -156,12 +172,13 @@ def show_results(results: list[AnnotatedHit], cameras: dict[str, str]) -> None:
                            width="stretch")
                 identity = item.tracklet.identity_id if item.tracklet else hit.identity_id
                 st.markdown(
-                    f"**distance {hit.distance:.3f}**  \n"
+                    f"**{similarity_percent(hit.distance):.0f}% similar**  \n"
                     f"{format_time(hit.first_time)} – {format_time(hit.last_time)}  \n"
                     f"tracklet {hit.tracklet_id} · identity {identity if identity else '–'}"
                     + ("  \n:green[**same identity**]" if item.same_identity else ""))
     st.dataframe([{
-        "rank": r.hit.rank, "distance": round(r.hit.distance, 4), "camera": r.hit.camera_id,
+        "rank": r.hit.rank, "similarity": f"{similarity_percent(r.hit.distance):.0f}%",
+        "distance": round(r.hit.distance, 4), "camera": r.hit.camera_id,
         "from": format_time(r.hit.first_time), "to": format_time(r.hit.last_time),
         "tracklet": r.hit.tracklet_id,
         "identity": r.tracklet.identity_id if r.tracklet else r.hit.identity_id,
@@ -187,7 +204,7 @@ def overview_page(repo: Repository, index: GalleryIndex | None, cameras, filters
         last = runs[-1]
         st.caption(f"Latest watcher run {last.id}: {last.status}, started "
                    f"{last.started_at:%Y-%m-%d %H:%M:%S} UTC on {last.hostname or '?'}")
-        show_separation(last.calibration)
+    show_separation(runs[-1].calibration if runs else None)
     st.subheader("Cameras")
     shown = [c for c in cameras if c.id in filters["cameras"]]
     st.dataframe(camera_rows(repo, shown, index), hide_index=True, width="stretch")
@@ -208,7 +225,7 @@ def overview_page(repo: Repository, index: GalleryIndex | None, cameras, filters
 def tracklet_page(repo: Repository, index: GalleryIndex | None, cameras, filters) -> None:
     st.header("Search by tracklet")
     st.caption("Pick a person seen by one camera; the dashboard ranks the tracklets of the "
-               "other cameras by descriptor distance (best clip of each tracklet).")
+               "other cameras by similarity of their tracklet descriptors.")
     if index is None or not index.size:
         st.info("The gallery is empty: no clip descriptors are stored yet.")
         return
@@ -371,14 +388,7 @@ def identity_page(repo: Repository, settings: DashboardSettings, cameras) -> Non
                          y=alt.Y("camera:N", title=None), color=alt.Color("camera:N", legend=None),
                          tooltip=["tracklet:Q", "camera:N", "from:Q", "to:Q"]))
         st.altair_chart(chart, width="stretch")
-        for camera_id in identity.camera_ids:
-            st.subheader(camera_label(camera_id, names))
-            seen = [t for t in members if t.camera_id == camera_id]
-            for start in range(0, len(seen), GRID_COLUMNS):
-                for column, t in zip(st.columns(GRID_COLUMNS), seen[start:start + GRID_COLUMNS]):
-                    with column:
-                        show_image(t.thumbnail, f"{format_time(t.first_seen)} – "
-                                                f"{format_time(t.last_seen)} · #{t.id}")
+        show_journey(repo, identity_id, {c: camera_label(c, names) for c in identity.camera_ids})
     st.subheader("Linking decisions")
     decisions = repo.link_decisions(identity_id=identity_id)
     if decisions:
@@ -394,6 +404,27 @@ def identity_page(repo: Repository, settings: DashboardSettings, cameras) -> Non
     else:
         st.caption("No decision recorded for this identity.")
     edit_identity(settings, identity_id, members, summaries)
+
+
+def show_journey(repo: Repository, identity_id: int, names: dict[str, str]) -> None:
+    """The identity's sightings in time order: where, when, how sure each link is, and the
+    transit from the previous camera, so an operator can judge the identity at a glance."""
+    st.subheader("Journey across cameras")
+    sightings = journey(repo, identity_id, names)
+    offset = 0
+    if len(sightings) > JOURNEY_PAGE_SIZE:
+        offset = pager("Sightings", len(sightings), JOURNEY_PAGE_SIZE,
+                       key=f"journey_page_{identity_id}")
+    for index in range(offset, min(offset + JOURNEY_PAGE_SIZE, len(sightings))):
+        sighting, t = sightings[index], sightings[index].tracklet
+        if index:
+            st.caption("↓ " + transit_words(sighting, sightings[index - 1].camera))
+        picture, words = st.columns([1, 7])
+        with picture:
+            show_image(t.thumbnail, f"#{t.id}", width=SMALL_THUMBNAIL_WIDTH)
+        words.markdown(f"**{index + 1}. {sighting.camera}** · {format_time(t.first_seen)} – "
+                       f"{format_time(t.last_seen)} ({format_duration(t.last_seen - t.first_seen)})"
+                       f" · tracklet {t.id}  \nLink: {sighting.confidence}")
 
 
 def edit_identity(settings: DashboardSettings, identity_id: int, members, summaries) -> None:
@@ -428,24 +459,151 @@ def edit_identity(settings: DashboardSettings, identity_id: int, members, summar
                     flash(f"Tracklet {tracklet} now forms identity {new_id}.")
 
 
+def unlinked_page(repo: Repository, index: GalleryIndex | None, cameras, filters,
+                  settings: DashboardSettings) -> None:
+    st.header("Unlinked tracklets")
+    st.caption("Tracklets the linker left alone because it was not sure enough (or has not "
+               "decided on yet), newest first, with the identities they resemble most on other "
+               "cameras. **Confirm** puts the tracklet into that identity (a must-link); "
+               "**Reject** tells the linker it is not that person (a cannot-link). The running "
+               "watcher follows both.")
+    if "flash" in st.session_state:
+        st.success(st.session_state.pop("flash"))
+    total = repo.count_unlinked(camera_ids=filters["cameras"])
+    if not total:
+        st.info("No unlinked tracklet: every finished tracklet of the selected cameras is in an "
+                "identity with others, or the linker was sure it is someone new.")
+        return
+    offset = pager("Unlinked tracklets", total, UNLINKED_PAGE_SIZE, key="unlinked_page")
+    page = repo.unlinked_tracklets(camera_ids=filters["cameras"], offset=offset,
+                                   limit=UNLINKED_PAGE_SIZE)
+    st.caption(f"{total} unlinked tracklets; showing {offset + 1}–{offset + len(page)}")
+    names = {c.id: c.name for c in cameras}
+    for tracklet in page:
+        with st.container(border=True):
+            show_unlinked(repo, index, tracklet, names, settings)
+
+
+def show_unlinked(repo: Repository, index: GalleryIndex | None, t: TrackletRecord,
+                  names: dict[str, str], settings: DashboardSettings) -> None:
+    """One unlinked tracklet, its best candidate identities and the buttons that decide."""
+    st.markdown(f"**Tracklet {t.id}** · {camera_label(t.camera_id, names)} · "
+                f"{format_time(t.first_seen)} – {format_time(t.last_seen)} "
+                f"({format_duration(t.last_seen - t.first_seen)})  \n{unlinked_reason(repo, t)}")
+    if index is None or not index.size:
+        st.caption("No clip descriptors are stored yet: no candidates to offer.")
+        return
+    try:
+        candidates = candidate_identities(repo, index, t, limit=CANDIDATES)
+    except DashboardError as exc:
+        st.caption(str(exc))
+        return
+    query, *columns = st.columns([1] + [2] * CANDIDATES)
+    with query:
+        show_image(t.thumbnail, "this tracklet", width=SMALL_THUMBNAIL_WIDTH)
+    if not candidates:
+        columns[0].caption("No candidate identity on the other cameras (or all rejected).")
+    for column, candidate in zip(columns, candidates):
+        with column:
+            show_candidate(settings, t, candidate, names)
+
+
+def show_candidate(settings: DashboardSettings, t: TrackletRecord, candidate: Candidate,
+                   names: dict[str, str]) -> None:
+    """A candidate identity as its closest sightings, and the two answers an operator can give."""
+    hits = candidate.hits[:CANDIDATES]
+    thumbs = [h.tracklet.thumbnail for h in hits if h.tracklet and h.tracklet.thumbnail]
+    if thumbs:
+        st.image(thumbs, width=SMALL_THUMBNAIL_WIDTH)
+    seen = sorted({names.get(h.hit.camera_id, h.hit.camera_id) for h in candidate.hits})
+    st.markdown(f"**Identity {candidate.identity_id}** · {candidate.similarity:.0f}% similar  \n"
+                f"seen on {', '.join(seen)}")
+    confirm, reject = st.columns(2)
+    key = f"{t.id}_{candidate.identity_id}"
+    if confirm.button("Confirm", key=f"confirm_{key}", type="primary", width="stretch",
+                      help=f"Tracklet {t.id} is this person: join identity "
+                           f"{candidate.identity_id}"):
+        try:
+            joined = confirm_link(settings.db_url, t.id, candidate.identity_id)
+        except StorageError as exc:
+            st.error(f"Confirm failed: {exc}")
+        else:
+            flash(f"Tracklet {t.id} confirmed as identity {joined}.")
+    if reject.button("Reject", key=f"reject_{key}", width="stretch",
+                     help=f"Tracklet {t.id} is NOT the person of identity "
+                          f"{candidate.identity_id}"):
+        try:
+            reject_link(settings.db_url, t.id, candidate.identity_id)
+        except StorageError as exc:
+            st.error(f"Reject failed: {exc}")
+        else:
+            flash(f"Tracklet {t.id} is not identity {candidate.identity_id}: recorded.")
+
+
+def separation_gauge(auc: float) -> alt.LayerChart:
+    """ROC AUC on a 0.5 (a coin toss) to 1.0 (perfect) bar, coloured by verdict band."""
+    bands = [{"from": 0.5, "to": 0.7, "band": "does not separate"},
+             {"from": 0.7, "to": 0.9, "band": "separates poorly"},
+             {"from": 0.9, "to": 1.0, "band": "separates well"}]
+    scale = alt.Scale(domain=[0.5, 1.0], clamp=True)
+    row = alt.Y("row:N", axis=None)  # one row: the bar's thickness is the band's step
+    colours = alt.Scale(domain=[b["band"] for b in bands], range=["#d62728", "#ff7f0e", "#2ca02c"])
+    band = (alt.Chart(alt.Data(values=[{**b, "row": 0} for b in bands])).mark_bar(opacity=0.6)
+            .encode(x=alt.X("from:Q", scale=scale, title="ROC AUC"), x2="to:Q", y=row,
+                    color=alt.Color("band:N", scale=colours, legend=None), tooltip=["band:N"]))
+    mark = alt.Chart(alt.Data(values=[{"auc": auc, "row": 0}])).encode(
+        x=alt.X("auc:Q", scale=scale), y=row)
+    return (band + mark.mark_tick(color="black", thickness=4, size=34)
+            + mark.mark_text(align="left", dx=6, fontWeight="bold", fontSize=14).encode(
+                text=alt.Text("auc:Q", format=".2f"))).properties(height=alt.Step(34))
+
+
 def show_separation(calibration: dict | None) -> None:
     """The linker's gauge: does this model tell this site's people apart? (from its free labels:
-    same-camera overlaps are different people, a tracklet's halves are the same person)."""
+    same-camera overlaps are different people, a tracklet's halves are the same person). Says
+    "not calibrated" plainly rather than showing a number that means nothing yet."""
+    st.subheader("Model separation")
+    calibration = calibration or {}
+    auc, threshold = calibration.get("auc"), calibration.get("threshold")
+    ready = bool(calibration.get("ready"))
+    genuine, impostor = calibration.get("genuine_count", 0), calibration.get("impostor_count", 0)
+    target = calibration.get("target_false_link", 0.01)
+    left, middle, right = st.columns(3)
+    left.metric("ROC AUC" if ready else "ROC AUC (provisional)",
+                "–" if auc is None else f"{auc:.2f}",
+                help="How often a same-person pair is closer than a different-people pair: "
+                     "0.5 is a coin toss, 1.0 perfect.")
+    middle.metric("Links above", f"{similarity_percent(threshold):.0f}% similar"
+                  if ready and threshold is not None else "–",
+                  help=f"The current threshold: a lone candidate at least this similar links at "
+                       f"the {target:.0%} false-link target (more candidates need more).")
+    right.metric("Labels: same / different", f"{genuine:,} / {impostor:,}",
+                 help="Same person: a tracklet's early and late halves. Different people: "
+                      "tracklets of one camera overlapping in time.")
+    if auc is not None:
+        st.altair_chart(separation_gauge(float(auc)), width="stretch")
     if not calibration:
-        return
-    auc = calibration.get("auc")
-    if auc is None:
-        st.info(f"Identity linking: not calibrated yet ({calibration.get('reason', '')}). "
+        st.info("Not calibrated yet: the latest watcher run has not reported its calibration. "
                 "Tracklets stay unlinked rather than guessed.")
         return
-    verdict = ("tells people apart" if auc >= 0.9 else "tells people apart poorly"
-               if auc >= 0.7 else "does NOT tell people apart")
-    labels = f"{calibration.get('genuine_count', 0)} same-person / " \
-             f"{calibration.get('impostor_count', 0)} different-people labels"
-    show = st.success if auc >= 0.9 else st.warning if auc >= 0.7 else st.error
-    linking = "" if calibration.get("ready") else f" Not linking yet: {calibration.get('reason')}."
-    show(f"Identity linking: this model {verdict} on this site (separation AUC {auc:.2f} from "
-         f"{labels}).{linking}")
+    if not ready:
+        reason = str(calibration.get("reason") or "too few labels").removeprefix("uncalibrated: ")
+        st.info(f"Not calibrated yet: {reason}. Tracklets stay unlinked rather than guessed.")
+        return
+    labels = f"{genuine:,} same-person / {impostor:,} different-people labels"
+    linking = ("" if threshold is not None else
+               f" No similarity is high enough to link at the {target:.0%} false-link target, "
+               "so it links nothing.")
+    if auc >= 0.9:
+        st.success(f"This model separates people on this site well (ROC AUC {auc:.2f} from "
+                   f"{labels}).{linking}")
+    elif auc >= 0.7:
+        st.warning(f"This model separates people on this site poorly (ROC AUC {auc:.2f} from "
+                   f"{labels}): expect few links.{linking}")
+    else:
+        st.error(f"This model does NOT separate people on this site (ROC AUC {auc:.2f} from "
+                 f"{labels}): its links cannot be trusted; train or choose a better "
+                 f"checkpoint.{linking}")
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -457,13 +615,13 @@ def sidebar_filters(repo: Repository, cameras) -> dict:
     bounds = time_bounds(repo, cameras)
     time_range = None
     if bounds is not None and bounds[1] > bounds[0] and is_wall_clock(bounds[0]):
-        low, high = (datetime.fromtimestamp(b, timezone.utc).replace(tzinfo=None, microsecond=0)
+        low, high = (datetime.fromtimestamp(b, UTC).replace(tzinfo=None, microsecond=0)
                      for b in bounds)
         picked = st.sidebar.slider("Time (UTC)", min_value=low, max_value=high + timedelta(
             seconds=1), value=(low, high + timedelta(seconds=1)), step=timedelta(seconds=1),
             format="YYYY-MM-DD HH:mm:ss", key="filter_time")
         if picked != (low, high + timedelta(seconds=1)):
-            time_range = tuple(p.replace(tzinfo=timezone.utc).timestamp() for p in picked)
+            time_range = tuple(p.replace(tzinfo=UTC).timestamp() for p in picked)
     elif bounds is not None and bounds[1] > bounds[0]:
         picked = st.sidebar.slider("Video time (s)", min_value=bounds[0], max_value=bounds[1],
                                    value=bounds, step=1.0, key="filter_time")
@@ -509,6 +667,8 @@ def main() -> None:
             tracklet_page(repo, index, cameras, filters)
         elif page == "upload":
             upload_page(repo, index, cameras, filters, settings)
+        elif page == "unlinked":
+            unlinked_page(repo, index, cameras, filters, settings)
         else:
             identity_page(repo, settings, cameras)
     except StorageError as exc:

@@ -2,8 +2,9 @@
 
 Kept apart from the Streamlit script so the rules (read-only access, which encoder a search
 by upload must use, how search hits are annotated) are plain functions with plain inputs.
-Every read goes through a read-only `storage` repository; the only writes (merge, split)
-open a short-lived normal repository, never the watcher's writer lock.
+Every read goes through a read-only `storage` repository; the only writes (merge, split,
+confirm or reject a link) open a short-lived normal repository, never the watcher's writer
+lock.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from storage import (
     CameraRecord,
     GalleryIndex,
+    LinkDecisionRecord,
     Repository,
     SchemaTooNewError,
     SearchHit,
@@ -27,6 +29,7 @@ from storage import (
     open_repository,
     validate_database_url,
 )
+from storage.similarity import describe, similarity_percent
 from tracking.redact import redact
 
 ENV_DB = "KEYREID_DASHBOARD_DB"
@@ -105,9 +108,9 @@ def format_time(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "–"
     if is_wall_clock(seconds):
-        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     whole = int(seconds)
-    tenths = int(round((seconds - whole) * 10))
+    tenths = round((seconds - whole) * 10)
     if tenths == 10:
         whole, tenths = whole + 1, 0
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}.{tenths}"
@@ -161,16 +164,6 @@ def activity_points(repo: Repository, cameras: list[CameraRecord],
             for c in cameras for b in repo.activity(c.id, bucket_seconds=bucket_seconds)]
 
 
-def distance_scale(gallery: GalleryIndex) -> float:
-    """An upper bound on any query-to-gallery distance of the same model: 2 x the largest norm.
-
-    Used as the top of the distance cut-off slider (a query descriptor has the same scale).
-    """
-    if not gallery.size:
-        return 1.0
-    return float(2.0 * math.sqrt(float(gallery.sq_norms.max())))
-
-
 @dataclass(frozen=True)
 class AnnotatedHit:
     """A search hit with what the result card shows: the tracklet now (identity, thumbnail)."""
@@ -196,8 +189,10 @@ def annotate_hits(repo: Repository, hits: list[SearchHit],
 def search_by_tracklet(repo: Repository, gallery: GalleryIndex, tracklet_id: int, k: int, *,
                        camera_ids: list[str] | None = None,
                        time_range: tuple[float, float] | None = None,
-                       max_distance: float | None = None) -> list[AnnotatedHit]:
-    """Rank tracklets of OTHER cameras against one stored tracklet (mean of its clips)."""
+                       max_distance: float | None = None,
+                       rerank: bool = False) -> list[AnnotatedHit]:
+    """Rank tracklets of OTHER cameras against one stored tracklet (its unit descriptor) by
+    the one similarity (`GalleryIndex.search`); see `search_by_descriptor` on `rerank`."""
     query = repo.get_tracklet(tracklet_id)
     if query is None:
         raise DashboardError(f"tracklet {tracklet_id} does not exist in {repo.url}")
@@ -206,17 +201,28 @@ def search_by_tracklet(repo: Repository, gallery: GalleryIndex, tracklet_id: int
         raise DashboardError(f"tracklet {tracklet_id} has no clip of model {gallery.model_id!r} "
                              "yet: nothing to search with")
     hits = gallery.search(descriptor, k, camera_ids=camera_ids, time_range=time_range,
-                          exclude_camera_id=query.camera_id, max_distance=max_distance)
+                          exclude_camera_id=query.camera_id, max_distance=max_distance,
+                          rerank=rerank)
     return annotate_hits(repo, hits, query.identity_id)
 
 
 def search_by_descriptor(repo: Repository, gallery: GalleryIndex, descriptor: np.ndarray, k: int,
                          *, camera_ids: list[str] | None = None,
                          time_range: tuple[float, float] | None = None,
-                         max_distance: float | None = None) -> list[AnnotatedHit]:
-    """Rank gallery tracklets against a descriptor computed from an upload."""
+                         max_distance: float | None = None,
+                         rerank: bool = False) -> list[AnnotatedHit]:
+    """Rank gallery tracklets against a descriptor computed from an upload.
+
+    `rerank`: k-reciprocal re-ranking of the top candidates (`storage.rerank`). Off by
+    default because it did not help where measured (`python -m app.evaluate --rerank`,
+    cross-camera mAP / rank-1 of tracklets, k1 = 20, k2 = 6, lambda = 0.3): training.scene
+    12 people 60 s, untrained encoder 48.0 / 25.0 -> 51.3 / 31.2 (16 queries); 24 people
+    90 s seed 1, untrained 62.6 / 44.4 -> 51.1 / 27.8, tiny synthetic-trained 54.5 / 38.9 ->
+    49.2 / 27.8 (36 queries each). Galleries of ~10-20 tracklets, 1-3 per person, are far
+    smaller than the k1 = 20 neighbourhoods the method assumes.
+    """
     hits = gallery.search(descriptor, k, camera_ids=camera_ids, time_range=time_range,
-                          max_distance=max_distance)
+                          max_distance=max_distance, rerank=rerank)
     return annotate_hits(repo, hits, None)
 
 
@@ -273,3 +279,126 @@ def split_tracklet(url: str, tracklet_id: int) -> int:
     """Move one tracklet out of its identity through storage; returns the new identity id."""
     with open_repository(url) as repo:
         return repo.split_tracklet(tracklet_id, note="split in the dashboard")
+
+
+def confirm_link(url: str, tracklet_id: int, identity_id: int) -> int:
+    """Operator must-link through storage: the tracklet joins `identity_id`; returns the identity
+    it is in now (merges followed). The running watcher applies it as a constraint."""
+    with open_repository(url) as repo:
+        return repo.confirm_link(tracklet_id, identity_id, note="confirmed in the dashboard")
+
+
+def reject_link(url: str, tracklet_id: int, identity_id: int) -> None:
+    """Operator cannot-link through storage: this tracklet is not the person of `identity_id`."""
+    with open_repository(url) as repo:
+        repo.reject_link(tracklet_id, identity_id, note="rejected in the dashboard")
+
+
+def format_duration(seconds: float) -> str:
+    """A span for people: '4.0 s', '2 min 05 s', '1 h 03 min'."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole // 60 % 60:02d} min"
+
+
+OPERATOR_WORDS = {"confirmed": "confirmed by an operator", "merged": "merged by an operator",
+                  "split": "split out by an operator"}
+PLACING_KINDS = ("new", "linked", "confirmed", "merged", "split")  # decisions that set an identity
+
+
+def link_confidence(decision: LinkDecisionRecord | None) -> str:
+    """How sure the link that put a tracklet in its identity is, in plain words.
+
+    The linker's own estimate where it stored one (`false_link`), the operator's word for their
+    changes, and an honest "no judgement" for links made without a calibrated model."""
+    if decision is None:
+        return "no decision recorded"
+    if decision.kind in OPERATOR_WORDS:
+        return OPERATOR_WORDS[decision.kind]
+    if decision.kind == "new":
+        return "opened this identity" + (f" ({decision.reason})" if decision.reason else "")
+    if decision.distance is None:
+        return "linked (no distance recorded)"
+    same = None if decision.false_link is None else 1.0 - decision.false_link
+    return describe(decision.distance, same)
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """One stop of an identity's journey: where and when, how sure its link is, and the gap
+    since the previous stop ended (None for the first; negative when they overlap)."""
+
+    tracklet: TrackletRecord
+    camera: str
+    confidence: str
+    gap: float | None
+    camera_changed: bool
+
+
+def journey(repo: Repository, identity_id: int, names: dict[str, str]) -> list[Sighting]:
+    """The identity's tracklets in time order, each with the confidence of its latest placing
+    decision into this identity (a merged-in tracklet's decision names the kept identity)."""
+    members = sorted(repo.identity_members(identity_id), key=lambda t: (t.first_seen, t.id))
+    placed: dict[int, LinkDecisionRecord] = {}
+    for decision in repo.link_decisions(identity_id=identity_id, kinds=PLACING_KINDS):
+        if decision.identity_id == identity_id:
+            placed[decision.tracklet_id] = decision
+    sightings = []
+    for previous, tracklet in zip([None, *members], members):
+        sightings.append(Sighting(
+            tracklet=tracklet, camera=names.get(tracklet.camera_id, tracklet.camera_id),
+            confidence=link_confidence(placed.get(tracklet.id)),
+            gap=None if previous is None else tracklet.first_seen - previous.last_seen,
+            camera_changed=previous is not None and previous.camera_id != tracklet.camera_id))
+    return sightings
+
+
+def transit_words(sighting: Sighting, previous_camera: str) -> str:
+    """The step between two sightings, e.g. 'after 26.0 s, from Camera A to Camera B'."""
+    gap = sighting.gap or 0.0
+    where = (f"from {previous_camera} to {sighting.camera}" if sighting.camera_changed
+             else f"again on {sighting.camera}")
+    if gap < 0:
+        return f"overlapping by {format_duration(-gap)}, {where}"
+    return f"after {format_duration(gap)}, {where}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An identity an unlinked tracklet might belong to: its hits, best first."""
+
+    identity_id: int
+    similarity: float  # percent, of the best hit (storage.similarity.similarity_percent)
+    hits: tuple[AnnotatedHit, ...]
+
+
+def candidate_identities(repo: Repository, gallery: GalleryIndex, tracklet: TrackletRecord,
+                         limit: int = 3, pool: int = 30) -> list[Candidate]:
+    """The best `limit` identities for a tracklet the linker left alone, from the `pool`
+    closest tracklets of other cameras, grouped by their identity now; its own identity and the
+    identities an operator already rejected for it are skipped (asking again would be noise)."""
+    skip = set(repo.rejected_identities(tracklet.id))
+    if tracklet.identity_id is not None:
+        skip.add(tracklet.identity_id)
+    grouped: dict[int, list[AnnotatedHit]] = {}
+    for item in search_by_tracklet(repo, gallery, tracklet.id, pool):
+        identity = item.tracklet.identity_id if item.tracklet else item.hit.identity_id
+        if identity is None or identity in skip or (identity not in grouped
+                                                    and len(grouped) == limit):
+            continue
+        grouped.setdefault(identity, []).append(item)
+    return [Candidate(identity, float(similarity_percent(hits[0].hit.distance)), tuple(hits))
+            for identity, hits in grouped.items()]
+
+
+def unlinked_reason(repo: Repository, tracklet: TrackletRecord) -> str:
+    """Why the tracklet stands alone: the linker's stored reason, or that it is still pending."""
+    if tracklet.identity_id is None:
+        return "pending: the running watcher has not decided on it yet"
+    decisions = repo.link_decisions(tracklet_id=tracklet.id, kinds=("new",))
+    reason = decisions[-1].reason if decisions else None
+    return f"left alone by the linker: {reason}" if reason else "left alone by the linker"

@@ -1,7 +1,7 @@
 """Score a watcher database against ground truth: tracking, retrieval and identity links.
 
 `python -m app.evaluate --db URL --truth DIR [--run ID] [--iou 0.5] [--frames all|sampled]
-[--json OUT]`; in code `evaluate(db_url, truth_dir, ...) -> EvaluationReport`.
+[--rerank] [--json OUT]`; in code `evaluate(db_url, truth_dir, ...) -> EvaluationReport`.
 
 Truth: one MOTChallenge-style text file per camera, `DIR/<camera id>.txt`, one line per person
 per frame: `frame,id,x,y,w,h,conf,x3d,y3d,z3d` with a 1-based frame (frame 1 is the watcher's
@@ -26,7 +26,10 @@ still with every tracklet's interpolated box there.
   boxes overlap (IoU >= `iou`, at least half of its boxes); a matched tracklet queries the
   other cameras' tracklets (unmatched ones stay as distractors) by the project's one
   similarity (`storage.similarity`: unit mean of unit clip descriptors, Euclidean 0..2);
-  mAP and rank-1 over queries with a true match, ties broken by gallery order.
+  mAP and rank-1 over queries with a true match, ties broken by gallery order. `--rerank`
+  reports them a second time, beside the first, with each query's gallery re-ranked
+  k-reciprocally (`storage.rerank`), as the dashboard's search does with `rerank` (it re-ranks
+  its top `storage.search.RERANK_CANDIDATES`; here the whole gallery, the same up to that size).
 - Links: pairs of tracklets in one stored identity vs pairs of the same truth person;
   precision and recall, cross-camera and within-camera separately.
 """
@@ -44,6 +47,7 @@ import trackeval
 
 from storage import open_repository
 from storage.errors import StorageError
+from storage.rerank import k_reciprocal
 from storage.similarity import distances, tracklet_descriptor
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
@@ -111,6 +115,8 @@ class EvaluationReport:
     frames: str
     iou: float
     run_id: int | None
+    reranked_map: float | None = None  # retrieval with k-reciprocal re-ranking (`rerank`)
+    reranked_rank1: float | None = None
 
     def to_dict(self) -> dict:
         result = dataclasses.asdict(self)
@@ -132,21 +138,25 @@ class EvaluationReport:
                     f"{s.truth_pairs} true pairs)")
 
         lines = [
-            f"frames: {self.frames} ({self.frames_evaluated} camera-frames), IoU {self.iou:g}, "
-            f"run {self.run_id if self.run_id is not None else 'all'}",
-            f"tracklets {self.tracklets} ({self.matched_tracklets} matched to a person), "
-            f"identities {self.identities}, truth people {self.truth_people}",
-            f"{'multi-camera':<26}IDF1 {pct(t.idf1)}  HOTA {pct(t.hota)}  (DetA {pct(t.deta)}, "
-            f"AssA {pct(t.assa)})  MOTA {pct(t.mota)}  recall {pct(t.recall)}  precision "
-            f"{pct(t.precision)}  IDsw {t.id_switches}",
+            (f"frames: {self.frames} ({self.frames_evaluated} camera-frames), IoU {self.iou:g}, "
+             f"run {self.run_id if self.run_id is not None else 'all'}"),
+            (f"tracklets {self.tracklets} ({self.matched_tracklets} matched to a person), "
+             f"identities {self.identities}, truth people {self.truth_people}"),
+            (f"{'multi-camera':<26}IDF1 {pct(t.idf1)}  HOTA {pct(t.hota)}  (DetA {pct(t.deta)}, "
+             f"AssA {pct(t.assa)})  MOTA {pct(t.mota)}  recall {pct(t.recall)}  precision "
+             f"{pct(t.precision)}  IDsw {t.id_switches}"),
         ]
         for camera, s in self.per_camera.items():
             lines.append(f"{'  camera ' + camera:<26}IDF1 {pct(s.idf1)}  HOTA {pct(s.hota)}  "
                          f"recall {pct(s.recall)}  precision {pct(s.precision)}  "
                          f"tracklets {s.predicted_ids} / people {s.truth_ids}")
+        retrieval = (f"{'cross-camera retrieval':<26}mAP {pct(self.retrieval_map)}  rank-1 "
+                     f"{pct(self.rank1)}  ({self.queries} queries)")
+        if self.reranked_map is not None:
+            retrieval += (f"; re-ranked: mAP {pct(self.reranked_map)}  rank-1 "
+                          f"{pct(self.reranked_rank1)}")
         lines += [
-            f"{'cross-camera retrieval':<26}mAP {pct(self.retrieval_map)}  rank-1 "
-            f"{pct(self.rank1)}  ({self.queries} queries)",
+            retrieval,
             links("cross-camera links", self.cross_camera_links),
             links("within-camera links", self.within_camera_links),
         ]
@@ -332,8 +342,10 @@ def _average_precision(relevant: np.ndarray) -> float:
     return float(np.sum(hits[relevant] / (np.flatnonzero(relevant) + 1)) / hits[-1])
 
 
-def _retrieval(tracklets: list[_Tracklet]) -> tuple[float | None, float | None, int]:
-    """Cross-camera mAP and rank-1 of matched tracklets (ties broken by gallery order)."""
+def _retrieval(tracklets: list[_Tracklet],
+               rerank: bool = False) -> tuple[float | None, float | None, int]:
+    """Cross-camera mAP and rank-1 of matched tracklets (ties broken by gallery order); with
+    `rerank`, each query alone with its gallery is re-ranked (`storage.rerank.k_reciprocal`)."""
     usable = [t for t in tracklets if t.descriptor is not None]
     if not usable:
         return None, None, 0
@@ -346,7 +358,10 @@ def _retrieval(tracklets: list[_Tracklet]) -> tuple[float | None, float | None, 
         relevant = np.array([usable[g].person == query.person for g in gallery], dtype=bool)
         if not relevant.any():
             continue
-        order = np.argsort(distances(vectors[q:q + 1], vectors[gallery])[0], kind="stable")
+        d = distances(vectors[q:q + 1], vectors[gallery])
+        if rerank:
+            d = k_reciprocal(d, distances(vectors[gallery], vectors[gallery]))
+        order = np.argsort(d[0], kind="stable")
         aps.append(_average_precision(relevant[order]))
         firsts.append(bool(relevant[order][0]))
     if not aps:
@@ -369,9 +384,10 @@ def _links(tracklets: list[_Tracklet], cross_camera: bool) -> LinkScores:
 
 
 def evaluate(db_url: str, truth_dir: str | Path, *, run_id: int | None = None,
-             iou: float = 0.5, frames: str = "all",
-             model_id: str | None = None) -> EvaluationReport:
-    """Score the database at `db_url` (opened read-only) against the truth folder."""
+             iou: float = 0.5, frames: str = "all", model_id: str | None = None,
+             rerank: bool = False) -> EvaluationReport:
+    """Score the database at `db_url` (opened read-only) against the truth folder; `rerank`
+    also scores retrieval with k-reciprocal re-ranking."""
     if frames not in FRAME_MODES:
         raise ValueError(f"frames must be one of {FRAME_MODES}, got {frames!r}")
     if not 0 < iou <= 1:
@@ -400,6 +416,8 @@ def evaluate(db_url: str, truth_dir: str | Path, *, run_id: int | None = None,
         per_camera[camera] = _track_scores(
             _timesteps(truth.get(camera, {}), mine, frames, global_ids=False), iou)
     retrieval_map, rank1, queries = _retrieval(tracklets)
+    reranked_map, reranked_rank1, _ = _retrieval(tracklets, rerank=True) if rerank else (
+        None, None, 0)
     people = {p for camera in truth.values() for rows in camera.values() for p, _ in rows}
     return EvaluationReport(
         tracking=_track_scores(combined, iou), per_camera=per_camera,
@@ -409,7 +427,7 @@ def evaluate(db_url: str, truth_dir: str | Path, *, run_id: int | None = None,
         tracklets=len(tracklets), matched_tracklets=sum(t.person is not None for t in tracklets),
         identities=len({t.identity for t in tracklets if t.identity is not None}),
         truth_people=len(people), frames_evaluated=len(combined), frames=frames, iou=iou,
-        run_id=run_id)
+        run_id=run_id, reranked_map=reranked_map, reranked_rank1=reranked_rank1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", choices=FRAME_MODES, default="all",
                         help="all: every frame with a box; sampled: frames the watcher stored")
     parser.add_argument("--model", default=None, help="descriptor model id (when several)")
+    parser.add_argument("--rerank", action="store_true",
+                        help="also score retrieval with k-reciprocal re-ranking, side by side")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     try:
         report = evaluate(args.db, args.truth, run_id=args.run, iou=args.iou,
-                          frames=args.frames, model_id=args.model)
+                          frames=args.frames, model_id=args.model, rerank=args.rerank)
     except (TruthError, StorageError, ValueError) as exc:
         print(f"app.evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -199,7 +199,8 @@ class StorageStats:
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
-    """One ranked tracklet: its best clip's Euclidean distance to the query."""
+    """One ranked tracklet. `distance`: the one similarity's (`storage.similarity`, 0..2)
+    between the query and the tracklet's descriptor; `clip_id`: its clip nearest the query."""
 
     rank: int
     distance: float

@@ -481,7 +481,8 @@ class Repository:
 
     def tracklet_descriptor(self, tracklet_id: int,
                             model_id: str | None = None) -> np.ndarray | None:
-        """Mean of the tracklet's clip descriptors (float32), or None when it has no clips."""
+        """The tracklet's unit descriptor (`storage.similarity.tracklet_descriptor` of its
+        clips, float32), or None when it has no clips; what search and the linker compare."""
         query = select(Clip.descriptor, Clip.descriptor_dtype, Clip.descriptor_dim,
                        Clip.model_id).where(Clip.tracklet_id == tracklet_id)
         if model_id is not None:
@@ -494,8 +495,7 @@ class Repository:
         if len(models) > 1:
             raise StorageError(f"tracklet {tracklet_id} has clips of several models "
                                f"{sorted(models)}; pass model_id")
-        vectors = np.stack([decode_descriptor(b, d, n) for b, d, n, _ in rows])
-        return vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
+        return tracklet_descriptor(np.stack([decode_descriptor(b, d, n) for b, d, n, _ in rows]))
 
     # -- identities ------------------------------------------------------------------------
     def create_identity(self, label: str | None = None) -> int:
@@ -819,7 +819,12 @@ class Repository:
                       camera_ids: Iterable[str] | None = None,
                       time_range: tuple[float, float] | None = None,
                       batch_rows: int = 10_000) -> GalleryIndex:
-        """Load clip descriptors (one model) into memory for repeated searches."""
+        """Load one model's clip descriptors into memory for repeated tracklet searches.
+
+        `camera_ids` / `time_range` keep only tracklets of those cameras / with a clip
+        overlapping that time; a kept tracklet brings all its clips of the model, so its
+        descriptor in the index is the same as `tracklet_descriptor`'s.
+        """
         if model_id is None:
             models = self.model_ids()
             if len(models) > 1:
@@ -830,7 +835,10 @@ class Repository:
         if camera_ids is not None:
             conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
         if time_range is not None:
-            conditions += [_CLIP_START <= time_range[1], _CLIP_END >= time_range[0]]
+            conditions.append(Clip.tracklet_id.in_(
+                select(Clip.tracklet_id).where(Clip.model_id == model_id,
+                                               _CLIP_START <= time_range[1],
+                                               _CLIP_END >= time_range[0])))
         query = (select(Clip.id, Clip.tracklet_id, Tracklet.camera_id,
                         _CLIP_START.label("start_time"), _CLIP_END.label("end_time"),
                         Clip.descriptor, Clip.descriptor_dtype, Clip.descriptor_dim)
@@ -878,14 +886,16 @@ class Repository:
                          time_range: tuple[float, float] | None = None,
                          exclude_camera_id: str | None = None,
                          exclude_tracklet_id: int | None = None,
-                         max_distance: float | None = None) -> list[SearchHit]:
-        """Rank tracklets by their best clip's distance to `query` [D].
+                         max_distance: float | None = None,
+                         rerank: bool = False) -> list[SearchHit]:
+        """Rank tracklets by the one similarity's distance to `query` [D] (`GalleryIndex.search`).
 
         Loads the gallery for this one search; for repeated searches keep a `gallery_index`.
         """
         index = self.gallery_index(model_id, camera_ids=camera_ids, time_range=time_range)
         return index.search(query, k, exclude_camera_id=exclude_camera_id,
-                            exclude_tracklet_id=exclude_tracklet_id, max_distance=max_distance)
+                            exclude_tracklet_id=exclude_tracklet_id, max_distance=max_distance,
+                            rerank=rerank)
 
 
 def _camera_record(c: Camera) -> CameraRecord:

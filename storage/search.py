@@ -1,9 +1,9 @@
-"""Exact nearest-neighbour search over stored descriptors.
+"""Exact nearest-neighbour search over stored descriptors, and the tracklet gallery.
 
-`nearest` is the one search function: the dashboard's tracklet search and the identity linker
-both use it, so both rank the same way. It is exact Euclidean search, chunked over the gallery
-so a million descriptors never materialise a Q x N distance matrix, using
-||q||^2 + ||g||^2 - 2 q.g with a float32 matmul (BLAS), clamped at 0 before the square root.
+`nearest` is the exact search: chunked over the gallery so a million descriptors never
+materialise a Q x N distance matrix, using ||q||^2 + ||g||^2 - 2 q.g with a float32 matmul
+(BLAS), clamped at 0 before the square root. On unit rows with ||g||^2 = 1 (what
+`GalleryIndex` passes) this is `storage.similarity.distances`, the project's one similarity.
 
 Ties are broken by gallery index, reproducibly: each distance is packed with its index into
 one uint64 key (the bits of a non-negative float32 sort like the float), so partial selection
@@ -11,6 +11,10 @@ and the final sort order by (distance, index) exactly, in every chunk and across
 
 An exact FAISS `IndexFlatL2` is used instead when `faiss` is importable, the gallery is large
 and no `valid` mask is given. FAISS is optional and not a dependency.
+
+`GalleryIndex` ranks tracklets (not clips) by the distance between the unit query and the
+tracklet descriptors (`storage.similarity`), so the dashboard's search and the linker agree
+on what "close" means, optionally re-ranked k-reciprocally (`storage.rerank`).
 """
 from __future__ import annotations
 
@@ -19,11 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .records import SearchHit
+from .rerank import k_reciprocal
+from .similarity import distances, unit
 
 FAISS_MIN_GALLERY = 200_000
 _BLOCK_ELEMENTS = 8 * 1024 * 1024  # distance block size (float32 elements) per chunk
 _CONVERT_ELEMENTS = 16 * 1024 * 1024  # float32 elements of gallery converted per chunk
 _INDEX_MASK = np.uint64(0xFFFFFFFF)
+RERANK_CANDIDATES = 200  # re-ranking costs O(N^2): only the top N are re-ranked
 
 
 def _check_inputs(queries: np.ndarray, gallery: np.ndarray, k: int, valid) -> None:
@@ -143,13 +150,20 @@ def nearest(
 
 @dataclass(frozen=True, eq=False)
 class GalleryIndex:
-    """Clip descriptors held in memory for repeated tracklet searches (e.g. by the dashboard).
+    """What tracklet search needs, in memory, on the one similarity's scale.
 
-    Built by `Repository.gallery_index`. Arrays are aligned per clip; `tracklets` maps a
-    tracklet id to (camera_id, track_id, first_time, last_time, identity_id) at build time.
+    Built by `Repository.gallery_index`. The clip arrays are aligned per clip; `descriptors`
+    are made unit in place (a float32 input is not copied). From them, per tracklet (ascending
+    id, `tracklet_rows`), `tracklet_descriptors` [T, D] is `storage.similarity.
+    tracklet_descriptor` of that tracklet's clips. `tracklets` maps a tracklet id to
+    (camera_id, track_id, first_time, last_time, identity_id) at build time.
+
+    Memory: float32 throughout, (N + T) x D x 4 bytes (100k clips of 30k tracklets at the
+    default model's D = 4,800: 2.5 GB); float16 would halve it, but BLAS has no float16
+    matmul, so every search would convert the whole gallery.
     """
 
-    descriptors: np.ndarray  # [N, D] float32
+    descriptors: np.ndarray  # [N, D] float32, unit rows
     clip_ids: np.ndarray  # [N] int64
     tracklet_ids: np.ndarray  # [N] int64
     camera_ids: np.ndarray  # [N] object (str)
@@ -157,13 +171,39 @@ class GalleryIndex:
     end_times: np.ndarray  # [N] float64, clip end
     tracklets: dict[int, tuple[str, int, float, float, int | None]]
     model_id: str | None
-    sq_norms: np.ndarray = field(init=False)
+    tracklet_rows: np.ndarray = field(init=False)  # [T] int64 tracklet ids, ascending
+    tracklet_descriptors: np.ndarray = field(init=False)  # [T, D] float32, unit
+    tracklet_cameras: np.ndarray = field(init=False)  # [T] object (str)
+    clip_rows: np.ndarray = field(init=False)  # [N] int64: each clip's row in tracklet_rows
+    _clips_by_row: np.ndarray = field(init=False, repr=False)  # clip indices grouped by row
+    _row_starts: np.ndarray = field(init=False, repr=False)  # [T + 1] offsets into the above
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sq_norms", squared_norms(self.descriptors))
+        clips = np.asarray(self.descriptors, dtype=np.float32)
+        if clips.ndim != 2:
+            raise ValueError(f"descriptors must be [N, D], got shape {clips.shape}")
+        if not clips.flags.writeable:
+            clips = clips.copy()
+        norms = np.sqrt(squared_norms(clips))[:, None]
+        np.divide(clips, norms, out=clips, where=norms > 0)
+        rows, first, clip_rows = np.unique(self.tracklet_ids, return_index=True,
+                                           return_inverse=True)
+        grouped = np.argsort(clip_rows, kind="stable")
+        starts = np.searchsorted(clip_rows[grouped], np.arange(len(rows) + 1))
+        # The mean direction of unit clips, i.e. similarity.tracklet_descriptor per tracklet.
+        sums = np.empty((len(rows), clips.shape[1]), dtype=np.float32)
+        for r in range(len(rows)):
+            sums[r] = clips[grouped[starts[r]:starts[r + 1]]].sum(axis=0)
+        for name, value in (("descriptors", clips), ("tracklet_rows", rows.astype(np.int64)),
+                            ("tracklet_descriptors", unit(sums)),
+                            ("tracklet_cameras", np.asarray(self.camera_ids, object)[first]),
+                            ("clip_rows", clip_rows.astype(np.int64)),
+                            ("_clips_by_row", grouped), ("_row_starts", starts)):
+            object.__setattr__(self, name, value)
 
     @property
     def size(self) -> int:
+        """Number of clips."""
         return int(self.descriptors.shape[0])
 
     @property
@@ -177,17 +217,29 @@ class GalleryIndex:
         exclude_tracklet_id: int | None,
         time_range: tuple[float, float] | None,
     ) -> np.ndarray | None:
-        mask = np.ones(self.size, dtype=bool)
+        """Per tracklet row: does it pass the filters (None = all do)."""
+        mask = np.ones(len(self.tracklet_rows), dtype=bool)
         if camera_ids is not None:
-            mask &= np.isin(self.camera_ids, list(camera_ids))
+            mask &= np.isin(self.tracklet_cameras, list(camera_ids))
         if exclude_camera_id is not None:
-            mask &= self.camera_ids != exclude_camera_id
+            mask &= self.tracklet_cameras != exclude_camera_id
         if exclude_tracklet_id is not None:
-            mask &= self.tracklet_ids != exclude_tracklet_id
+            mask &= self.tracklet_rows != exclude_tracklet_id
         if time_range is not None:
-            # A clip matches a time range when it overlaps it.
-            mask &= (self.start_times <= time_range[1]) & (self.end_times >= time_range[0])
+            # A tracklet matches a time range when one of its clips overlaps it.
+            overlaps = (self.start_times <= time_range[1]) & (self.end_times >= time_range[0])
+            mask &= np.bincount(self.clip_rows[overlaps], minlength=len(mask)) > 0
         return None if mask.all() else mask
+
+    def _hit(self, rank: int, row: int, distance: float, query: np.ndarray) -> SearchHit:
+        clips = self._clips_by_row[self._row_starts[row]:self._row_starts[row + 1]]
+        best = clips[int(np.argmin(distances(query, self.descriptors[clips])[0]))]
+        tid = int(self.tracklet_rows[row])
+        camera_id, track_id, first_time, last_time, identity_id = self.tracklets[tid]
+        return SearchHit(rank=rank, distance=distance, tracklet_id=tid,
+                         clip_id=int(self.clip_ids[best]), camera_id=camera_id,
+                         track_id=track_id, first_time=first_time, last_time=last_time,
+                         identity_id=identity_id)
 
     def search(
         self,
@@ -199,42 +251,34 @@ class GalleryIndex:
         exclude_tracklet_id: int | None = None,
         time_range: tuple[float, float] | None = None,
         max_distance: float | None = None,
+        rerank: bool = False,
     ) -> list[SearchHit]:
-        """The k best tracklets for one query descriptor [D], ranked by best clip distance.
+        """The k tracklets nearest to one query descriptor [D] (made unit), among those that
+        pass the filters and lie within `max_distance` (0..2).
 
-        Clips are ranked with `nearest`; the first k distinct tracklets in that order are
-        exactly the k tracklets with the smallest best-clip distance. The clip depth doubles
-        until k tracklets are found or the gallery is exhausted.
+        Each hit's `distance` is the one similarity's distance to the tracklet descriptor and
+        its `clip_id` the tracklet's clip nearest to the query. With `rerank`, the
+        `RERANK_CANDIDATES` nearest are re-ordered by k-reciprocal re-ranking
+        (`storage.rerank`); the hits keep their plain distance, so it need not increase with
+        rank. Ties are broken by tracklet id.
         """
-        query = np.asarray(query, dtype=np.float32).reshape(1, -1)
-        if self.size and query.shape[1] != self.dim:
+        query = unit(np.asarray(query, dtype=np.float32).reshape(1, -1))
+        if not self.size:
+            return []
+        if query.shape[1] != self.dim:
             raise ValueError(f"query has dimension {query.shape[1]}, gallery {self.dim}")
         valid = self._mask(camera_ids, exclude_camera_id, exclude_tracklet_id, time_range)
-        available = self.size if valid is None else int(valid.sum())
-        depth = min(available, max(4 * k, 16))
-        while True:
-            dist, idx = nearest(query, self.descriptors, depth, valid=valid,
-                                gallery_sq_norms=self.sq_norms)
-            hits: list[SearchHit] = []
-            seen: set[int] = set()
-            for d, i in zip(dist[0], idx[0]):
-                if max_distance is not None and d > max_distance:
-                    break
-                tid = int(self.tracklet_ids[i])
-                if tid in seen:
-                    continue
-                seen.add(tid)
-                camera_id, track_id, first_time, last_time, identity_id = self.tracklets[tid]
-                hits.append(SearchHit(
-                    rank=len(hits) + 1, distance=float(d), tracklet_id=tid,
-                    clip_id=int(self.clip_ids[i]), camera_id=camera_id, track_id=track_id,
-                    first_time=first_time, last_time=last_time, identity_id=identity_id,
-                ))
-                if len(hits) == k:
-                    return hits
-            exhausted = depth >= available or (
-                max_distance is not None and len(dist[0]) and dist[0, -1] > max_distance
-            )
-            if exhausted:
-                return hits
-            depth = min(available, depth * 2)
+        depth = max(k, RERANK_CANDIDATES) if rerank else k
+        dist, rows = nearest(query, self.tracklet_descriptors, depth, valid=valid,
+                             gallery_sq_norms=np.ones(len(self.tracklet_rows), np.float32))
+        dist, rows = dist[0], rows[0]
+        if max_distance is not None:
+            keep = int(np.searchsorted(dist, max_distance, side="right"))
+            dist, rows = dist[:keep], rows[:keep]
+        if rerank and len(rows) > 1:
+            candidates = self.tracklet_descriptors[rows]
+            reranked = k_reciprocal(dist[None, :], distances(candidates, candidates))[0]
+            order = np.argsort(reranked, kind="stable")
+            dist, rows = dist[order], rows[order]
+        return [self._hit(rank, int(row), float(d), query)
+                for rank, (d, row) in enumerate(zip(dist[:k], rows[:k]), start=1)]

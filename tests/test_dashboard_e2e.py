@@ -17,10 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from storage import open_repository
 from support import stored_clip_count
 from test_dashboard_pages import DIM, MODEL_ID, app_for, build_gallery, texts
+
+from storage import open_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -161,7 +161,8 @@ def test_dashboard_reads_and_edits_while_a_writer_writes(tmp_path, monkeypatch):
         while writer.poll() is None:
             for page, extra in (("overview", {}),
                                 ("tracklet", {"tracklet": gallery.tracklets[0, "cam_a"]}),
-                                ("identity", {"identity": gallery.identities[0]})):
+                                ("identity", {"identity": gallery.identities[0]}),
+                                ("unlinked", {})):
                 at = app_for(monkeypatch, gallery.url, page=page, **extra)
                 assert not at.exception, (page, at.exception)
                 assert not at.error, (page, [e.value for e in at.error])
@@ -233,7 +234,7 @@ def test_browser_over_the_watcher_running_on_the_demo_video(tmp_path, browser):
             query = next(t for t in repo.list_tracklets(camera_ids=["left"])
                          if repo.tracklet_descriptor(t.id) is not None)
         page = open_page(browser, base, f"page=tracklet&tracklet={query.id}")
-        page.get_by_text("distance", exact=False).first.wait_for(timeout=60_000)
+        page.get_by_text("% similar", exact=False).first.wait_for(timeout=60_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=tmp_path / "search_demo.png", full_page=True)
         body = page.inner_text("body")

@@ -8,7 +8,10 @@ from storage import (
     NewClip,
     ReadOnlyError,
     StorageError,
+    distances,
     open_repository,
+    tracklet_descriptor,
+    unit,
 )
 
 
@@ -104,9 +107,10 @@ def test_clip_descriptor_round_trip(tmp_path, dtype, atol):
         np.testing.assert_array_equal(got[0].keypoints, kps)
         assert got[1].boxes is None and got[1].keypoints is None
         assert got[2].frame_indices == (8, 9, 10, 11)
-        mean = repo.tracklet_descriptor(t)
+        mean = repo.tracklet_descriptor(t)  # the one similarity's: unit mean of unit clips
         assert mean.dtype == np.float32
-        np.testing.assert_allclose(mean, descs.mean(0), atol=2 * atol + 1e-6)
+        np.testing.assert_allclose(mean, tracklet_descriptor(descs), atol=2 * atol + 1e-6)
+        assert np.linalg.norm(mean) == pytest.approx(1.0, abs=1e-6)
         assert repo.tracklet_descriptor(repo.add_tracklet(run, "a", 2, 0, 0.0)) is None
 
 
@@ -133,7 +137,8 @@ def test_tracklet_descriptor_needs_model_when_mixed(repo):
     repo.add_clips([_clip(t, 0, [1, 1], model="m1"), _clip(t, 1, [3, 3, 3], model="m2")])
     with pytest.raises(StorageError, match="several models"):
         repo.tracklet_descriptor(t)
-    np.testing.assert_allclose(repo.tracklet_descriptor(t, model_id="m2"), [3, 3, 3])
+    np.testing.assert_allclose(repo.tracklet_descriptor(t, model_id="m2"), [3 ** -0.5] * 3,
+                               rtol=1e-6)
     assert repo.model_ids() == ["m1", "m2"]
 
 
@@ -195,7 +200,7 @@ def test_stats_and_search(repo):
     tb = repo.add_tracklet(run, "b", 1, 0, 5.0)
     others = [repo.add_tracklet(run, "b", 10 + i, 0, 6.0 + i) for i in range(5)]
     repo.add_clips([_clip(ta, 0, person)])
-    repo.add_clips([_clip(tb, 5, person + 0.01), _clip(tb, 6, person + 0.5)])
+    tb_clips = repo.add_clips([_clip(tb, 5, person + 0.01), _clip(tb, 6, person + 0.5)])
     repo.add_clips([_clip(t, 7, rng.standard_normal(16) * 3) for t in others])
     stats = repo.stats()
     assert (stats.cameras, stats.runs, stats.tracklets, stats.clips) == (2, 1, 7, 8)
@@ -203,14 +208,25 @@ def test_stats_and_search(repo):
     assert hits[0].tracklet_id == tb and hits[0].camera_id == "b" and hits[0].rank == 1
     assert len({h.tracklet_id for h in hits}) == 3  # best clip per tracklet, no duplicates
     assert [h.distance for h in hits] == sorted(h.distance for h in hits)
-    assert hits[0].distance == pytest.approx(np.linalg.norm(np.full(16, 0.01)), abs=5e-3)
-    assert repo.search_tracklets(person, k=5, max_distance=1.0)[-1].distance <= 1.0
+    # the one similarity: unit query against tb's unit descriptor; its best clip is the first
+    want = distances(unit(person[None]), repo.tracklet_descriptor(tb)[None])[0, 0]
+    assert hits[0].distance == pytest.approx(float(want), abs=1e-5)
+    assert hits[0].clip_id == tb_clips[0]
+    scaled = repo.search_tracklets(person * 7, k=3, exclude_camera_id="a")  # scale-free
+    assert [(h.tracklet_id, h.clip_id) for h in scaled] == [(h.tracklet_id, h.clip_id) for h in hits]
+    near = repo.search_tracklets(person, k=5, max_distance=1.0)
+    assert [h.tracklet_id for h in near] == [ta, tb] and near[-1].distance <= 1.0
+    reranked = repo.search_tracklets(person, k=3, exclude_camera_id="a", rerank=True)
+    assert len(reranked) == 3 and all(h.camera_id == "b" for h in reranked)
     only_b = repo.search_tracklets(person, k=10, exclude_tracklet_id=tb, camera_ids=["b"])
     assert sorted(h.tracklet_id for h in only_b) == others
     assert all(h.tracklet_id != tb for h in repo.search_tracklets(person, 10, exclude_tracklet_id=tb))
     assert len(repo.search_tracklets(person, k=50)) == 7
+    # tracklets with a clip overlapping 0..5.5 (ta, tb), with all their clips (tb: both)
     index = repo.gallery_index(time_range=(0.0, 5.5))
-    assert index.size == 2 and index.dim == 16  # clips overlapping 0..5.5: ta's and tb's first
+    assert index.size == 3 and index.dim == 16 and index.tracklet_rows.tolist() == [ta, tb]
+    np.testing.assert_allclose(index.tracklet_descriptors[1], repo.tracklet_descriptor(tb),
+                               atol=1e-6)
 
 
 def test_readonly_repository_cannot_write(tmp_path):
@@ -224,9 +240,9 @@ def test_readonly_repository_cannot_write(tmp_path):
             with pytest.raises(ReadOnlyError, match="read-only"):
                 write()
         # SQLite itself refuses writes on the mode=ro connection, not only our check
-        with pytest.raises(Exception, match="readonly|read-only|query_only"):
-            with reader._engine.begin() as conn:
-                conn.exec_driver_sql("INSERT INTO identities (created_at) VALUES ('2020-01-01')")
+        with (pytest.raises(Exception, match="readonly|read-only|query_only"),
+              reader._engine.begin() as conn):
+            conn.exec_driver_sql("INSERT INTO identities (created_at) VALUES ('2020-01-01')")
         assert reader.stats().identities == 0
 
 

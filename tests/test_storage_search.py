@@ -6,6 +6,7 @@ import pytest
 
 import storage.search as search_module
 from storage import GalleryIndex, nearest
+from storage.similarity import distances, tracklet_descriptor, unit
 
 
 def _reference(queries, gallery, k, valid=None):
@@ -81,8 +82,8 @@ def test_valid_mask():
     queries = gallery[:4] + 0.001
     valid = rng.random(200) > 0.5
     valid[:2] = False
-    dist, idx = nearest(queries, gallery, 10, valid=valid)
-    ref_d, ref_i = _reference(queries, gallery, 10, valid)
+    _, idx = nearest(queries, gallery, 10, valid=valid)
+    _, ref_i = _reference(queries, gallery, 10, valid)
     np.testing.assert_array_equal(idx, ref_i)
     assert valid[idx].all() and 0 not in idx[0] and 1 not in idx[1]
     few = np.zeros(200, bool)
@@ -115,20 +116,54 @@ def _index(descriptors, tracklet_ids, cameras, starts):
         tracklets=tracklets, model_id="m")
 
 
-def test_gallery_index_ranks_tracklets_by_best_clip():
-    # tracklet 1 has many close clips; the search must still find k distinct tracklets
-    descriptors = [[0.1 * i, 0] for i in range(40)] + [[5, 0], [6, 0], [0.05, 0]]
-    tracklet_ids = [1] * 40 + [2, 3, 4]
-    cameras = ["a"] * 40 + ["b", "b", "c"]
-    index = _index(descriptors, tracklet_ids, cameras, list(range(43)))
-    hits = index.search(np.zeros(2), 3)
-    assert [h.tracklet_id for h in hits] == [1, 4, 2]
-    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].clip_id == 100
-    assert hits[1].distance == pytest.approx(0.05) and hits[1].camera_id == "c"
-    assert [h.tracklet_id for h in index.search(np.zeros(2), 10, exclude_camera_id="a")] == [4, 2, 3]
-    assert [h.tracklet_id for h in index.search(np.zeros(2), 10, camera_ids=["b"])] == [2, 3]
-    assert [h.tracklet_id for h in index.search(np.zeros(2), 10, max_distance=5.5)] == [1, 4, 2]
-    assert [h.tracklet_id for h in index.search(np.zeros(2), 10, time_range=(41.5, 50))] == [4, 3]
-    assert index.search(np.zeros(2), 5, exclude_tracklet_id=1, camera_ids=["a"]) == []
+def _angle(degrees):
+    return [np.cos(np.radians(degrees)), np.sin(np.radians(degrees))]
+
+
+def test_gallery_index_holds_unit_clips_and_tracklet_descriptors():
+    rng = np.random.default_rng(4)
+    clips = rng.standard_normal((9, 6)).astype(np.float32) * rng.uniform(0.5, 20, (9, 1))
+    tracklet_ids = [7, 3, 7, 5, 3, 7, 5, 5, 9]  # unordered, as a caller may pass them
+    index = _index(clips.copy(), tracklet_ids, ["a"] * 9, list(range(9)))
+    np.testing.assert_allclose(np.linalg.norm(index.descriptors, axis=1), 1.0, rtol=1e-6)
+    assert index.tracklet_rows.tolist() == [3, 5, 7, 9]
+    for row, tid in enumerate(index.tracklet_rows):
+        mine = clips[np.asarray(tracklet_ids) == tid]
+        np.testing.assert_allclose(index.tracklet_descriptors[row], tracklet_descriptor(mine),
+                                   atol=1e-6)
+    assert index.tracklet_descriptors.dtype == np.float32 and (index.size, index.dim) == (9, 6)
+    assert _index(np.zeros((0, 6)), [], [], []).search(np.ones(6), 3) == []
+
+
+def test_gallery_index_ranks_tracklets_by_the_one_similarity():
+    """Tracklet 1 has one clip right on the query but a mean far from it: ranked by its
+    tracklet descriptor (about 63 degrees away) it comes last; a best-clip ranking put it first."""
+    descriptors = [_angle(0)] + [_angle(80)] * 3 + [_angle(10), _angle(45), _angle(60),
+                                                     _angle(20), _angle(25)]
+    tracklet_ids = [1, 1, 1, 1, 4, 2, 3, 4, 5]
+    cameras = ["a"] * 4 + ["c", "b", "b", "c", "a"]
+    index = _index(descriptors, tracklet_ids, cameras, list(range(9)))
+    query = np.array([3.0, 0.0])  # made unit by the search
+    hits = index.search(query, 3)
+    assert [h.tracklet_id for h in hits] == [4, 5, 2]
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert hits[0].clip_id == 104 and hits[0].camera_id == "c"  # its clip nearest the query
+    want = distances(unit(query[None]), tracklet_descriptor(np.array([_angle(10), _angle(20)]))[None])
+    assert hits[0].distance == pytest.approx(float(want[0, 0]), abs=1e-6)
+    assert hits[1].distance == pytest.approx(2 * np.sin(np.radians(25) / 2), abs=1e-6)
+    everything = index.search(query, 10)
+    assert [h.tracklet_id for h in everything] == [4, 5, 2, 3, 1]
+    assert [h.distance for h in everything] == sorted(h.distance for h in everything)
+    assert all(0 <= h.distance <= 2 for h in everything)
+    assert [h.tracklet_id for h in index.search(query, 10, exclude_camera_id="a")] == [4, 2, 3]
+    assert [h.tracklet_id for h in index.search(query, 10, camera_ids=["b"])] == [2, 3]
+    assert [h.tracklet_id for h in index.search(query, 10, exclude_tracklet_id=4)] == [5, 2, 3, 1]
+    cut = 2 * np.sin(np.radians(45) / 2) + 1e-4  # chord of 45 degrees: tracklet 2 just inside
+    assert [h.tracklet_id for h in index.search(query, 10, max_distance=cut)] == [4, 5, 2]
+    # a tracklet matches a time range when one of its clips overlaps it (tracklet 1: clip 0)
+    assert [h.tracklet_id for h in index.search(query, 10, time_range=(0.5, 0.7))] == [1]
+    assert [h.tracklet_id for h in index.search(query, 10, time_range=(6.5, 7.5))] == [4, 3]
+    assert index.search(query, 5, exclude_tracklet_id=1, camera_ids=["a"], time_range=(0, 3)) == []
+    assert index.search(query, 0) == []
     with pytest.raises(ValueError, match="dimension"):
         index.search(np.zeros(3), 1)
