@@ -215,10 +215,15 @@ def overview_page(repo: Repository, index: GalleryIndex | None, cameras, filters
     if not points:
         st.info("No tracklets recorded yet.")
         return
+    if is_wall_clock(points[0]["time (s)"]):  # Vega-Lite reads temporal values as epoch ms
+        points = [{**p, "time (s)": p["time (s)"] * 1000.0, "end (s)": p["end (s)"] * 1000.0}
+                  for p in points]
+        axis = alt.X("time (s):T", title="time (UTC)")
+    else:
+        axis = alt.X("time (s):Q", title="video time (s)")
     chart = (alt.Chart(alt.Data(values=points)).mark_bar()
-             .encode(x=alt.X("time (s):Q", title="video time (s)"), x2="end (s):Q",
-                     y=alt.Y("tracklets started:Q", stack="zero"), color="camera:N",
-                     tooltip=["camera:N", "time (s):Q", "tracklets started:Q"]))
+             .encode(x=axis, x2="end (s)", y=alt.Y("tracklets started:Q", stack="zero"),
+                     color="camera:N", tooltip=["camera:N", "tracklets started:Q"]))
     st.altair_chart(chart, width="stretch")
 
 

@@ -30,7 +30,7 @@ def _gallery(n: int, dim: int, dtype, rng: np.random.Generator, rows: int = 65_5
 
 
 def _latency_ms(gallery: np.ndarray, queries: np.ndarray, k: int) -> float:
-    norms = squared_norms(gallery)  # computed once per gallery, as GalleryIndex does
+    norms = squared_norms(gallery)  # computed once per gallery
     nearest(queries[:1], gallery, k, gallery_sq_norms=norms)  # warm-up (page-in, BLAS threads)
     times = []
     for q in queries:
