@@ -5,6 +5,7 @@ model step so a service can prepare clips on workers and batch them on the accel
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNTRAINED_SEED = 0
+
+
+def _network_digest(network: torch.nn.Module) -> str:
+    """12 hex digits of SHA-256 over the model's configuration and weights."""
+    digest = hashlib.sha256(repr(getattr(network, "config", None)).encode())
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 
 
@@ -96,9 +106,12 @@ class Encoder:
         else:
             network = build_model(model, seed=UNTRAINED_SEED, **overrides)
             self.model_name = model
-            # The id names everything that shapes the weights, so stores never mix embeddings.
+            # The id names everything that shapes the descriptors, so stores never mix
+            # embeddings: the overrides in words, and a digest of the resolved configuration and
+            # weights (a release that changes a default or the initialisation gets a new id).
             changed = "".join(f",{k}={v}" for k, v in sorted(overrides.items())).replace(" ", "")
-            self.model_id = f"{model}{'[' + changed[1:] + ']' if changed else ''}@untrained-seed{UNTRAINED_SEED}"
+            self.model_id = (f"{model}{'[' + changed[1:] + ']' if changed else ''}"
+                             f"@untrained-seed{UNTRAINED_SEED}-{_network_digest(network)}")
             self.trained = False
             log.warning(
                 "\n%s\nNO RE-ID CHECKPOINT: %s is randomly initialised. Its embeddings are UNTRAINED and will\n"

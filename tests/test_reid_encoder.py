@@ -1,6 +1,7 @@
 """The inference object: checkpoints, preprocessing, validation, local pretrained weights."""
 import importlib.util
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -26,8 +27,14 @@ def test_untrained_encoder_says_so_loudly_and_is_reproducible(caplog):
     with caplog.at_level(logging.WARNING):
         first = reid.Encoder(model="keyreid_vit_tiny", device="cpu", **TINY)
     assert "UNTRAINED" in caplog.text
-    assert not first.trained and first.model_id == "keyreid_vit_tiny[depth=2,img_size=(64,32)]@untrained-seed0"
-    assert reid.Encoder(device="cpu").model_id == "keyreid_vit_tiny@untrained-seed0"
+    assert not first.trained
+    assert re.fullmatch(r"keyreid_vit_tiny\[depth=2,img_size=\(64,32\)\]@untrained-seed0-[0-9a-f]{12}",
+                        first.model_id)
+    default = reid.Encoder(device="cpu").model_id
+    assert re.fullmatch(r"keyreid_vit_tiny@untrained-seed0-[0-9a-f]{12}", default)
+    # a changed default that alters the descriptors changes the id, so stores never mix them
+    assert reid.Encoder(device="cpu", part_scale="k").model_id.split("-")[-1] \
+        != default.split("-")[-1]
     second = reid.Encoder(model="keyreid_vit_tiny", device="cpu", **TINY)
     frames, keypoints = _clips()
     a = first.encode(frames, keypoints, [0, 1, -1])
