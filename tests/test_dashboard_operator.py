@@ -194,5 +194,5 @@ def test_gauge_shows_auc_verdict_and_threshold_once_calibrated(tmp_path, monkeyp
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["ROC AUC"] == "0.95"
     assert metrics["Links above"] == f"{float(similarity_percent(0.5)):.0f}% similar"
-    assert "This model separates people on this site well (ROC AUC 0.95" in at.success[0].value
+    assert "This model separates people within a camera well (ROC AUC 0.95" in at.success[0].value
     assert len(at.get("vega_lite_chart")) >= 2, "the gauge bar and the activity chart"

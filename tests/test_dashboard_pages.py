@@ -341,7 +341,7 @@ def test_wall_clock_times_are_the_time_axis(tmp_path, monkeypatch):
     assert at.sidebar.slider[0].label == "Time (UTC)"
     table = at.dataframe[0].value
     assert list(table["last frame at"]) == ["2026-12-23 04:31:40 UTC"] * 2
-    assert "This model separates people on this site well (ROC AUC 0.95" in at.success[0].value
+    assert "This model separates people within a camera well (ROC AUC 0.95" in at.success[0].value
     at = app_for(monkeypatch, url, page="identity", identity=identity)
     assert not at.exception
     assert "2026-12-23 04:26:40 UTC – 2026-12-23 04:28:44 UTC" in texts(at)

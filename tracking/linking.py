@@ -169,7 +169,9 @@ class Decision:
 
 @dataclass(frozen=True)
 class Separation:
-    """How well this model separates people on this site, from its free labels."""
+    """How well this model separates people on this site, from its free labels. They are all
+    within-camera pairs, so this is an upper bound on the separation across cameras (measured on
+    a labelled scene: within-camera AUC 0.95 with 0.62 across cameras, untrained encoder)."""
 
     ready: bool
     reason: str
@@ -186,8 +188,10 @@ class Separation:
     def __str__(self) -> str:
         if self.auc is None:
             return f"separation unknown: {self.reason}"
+        # The labels are within-camera pairs: an upper bound on separation across cameras.
         verdict = ("separates people" if self.auc >= 0.9 else
                    "separates people poorly" if self.auc >= 0.7 else "does not separate people")
+        verdict += " within a camera"
         limit = (f"links below distance {self.threshold:.2f} ({self.target_false_link:.0%} false "
                  "links)" if self.threshold is not None else "cannot link at the target rate")
         state = "" if self.ready else f" (not linking yet: {self.reason})"
