@@ -13,7 +13,9 @@ camera), the cost of each stage, and the ratio whole / detection-only. Model loa
 runtime exports are not counted (both start their clocks at the first frame).
 
 `--runtime torch openvino` measures each detector runtime in turn in the same run and prints
-them side by side (people per frame included, to show a faster runtime finds as many people).
+them side by side (people per frame included, to show a faster runtime finds as many people);
+`--precision auto int8` does the same for the detector's precision (both: every pair), and
+`--rounds 2` repeats the columns interleaved (A B A B) on a box whose load changes.
 """
 from __future__ import annotations
 
@@ -30,7 +32,14 @@ from pathlib import Path
 
 from tracking.runtimes import resolve_runtime
 
-from .config import RUNTIMES, CameraConfig, DetectorConfig, WatchConfig, load_config
+from .config import (
+    DETECTOR_PRECISIONS,
+    RUNTIMES,
+    CameraConfig,
+    DetectorConfig,
+    WatchConfig,
+    load_config,
+)
 from .watch import Watcher
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "cams.yaml"
@@ -39,8 +48,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "cams.yam
 def _detect_only(camera: CameraConfig, detector: DetectorConfig, max_frames: int | None,
                  out: multiprocessing.Queue, start_barrier) -> None:
     """One camera: decode its sampled frames, then time YOLO-pose + tracker on them."""
-    from tracking.detector import PoseTracker
     from tracking.sources import VideoSource
+
+    from .worker import build_tracker
 
     source = VideoSource(camera.source, crop=camera.crop, stride=camera.stride,
                          max_fps=camera.max_fps, live=camera.live, name=camera.id)
@@ -49,9 +59,7 @@ def _detect_only(camera: CameraConfig, detector: DetectorConfig, max_frames: int
         if max_frames is not None and frame.index >= max_frames:
             break
         frames.append(frame)
-    tracker = PoseTracker(detector.weights, imgsz=detector.imgsz, conf=detector.conf,
-                          iou=detector.iou, tracker=detector.tracker, device=detector.device,
-                          threads=detector.threads, runtime=detector.runtime)
+    tracker = build_tracker(camera, detector)
     tracker.warm_up(*frames[0].image.shape[:2])  # outside the clock, as the watcher's workers do
     start_barrier.wait()
     start, cpu_start = time.monotonic(), time.process_time()
@@ -61,7 +69,8 @@ def _detect_only(camera: CameraConfig, detector: DetectorConfig, max_frames: int
     elapsed, cpu = time.monotonic() - start, time.process_time() - cpu_start
     video = frames[-1].time - frames[0].time + (frames[1].time - frames[0].time
                                                   if len(frames) > 1 else 0.0)
-    out.put((camera.id, len(frames), video, elapsed, people, tracker.runtime, cpu))
+    label = tracker.runtime + ("-int8" if tracker.precision == "int8" else "")
+    out.put((camera.id, len(frames), video, elapsed, people, label, cpu))
 
 
 def detection_baseline(cameras: tuple[CameraConfig, ...], detector: DetectorConfig,
@@ -132,7 +141,8 @@ def _measure(config: WatchConfig, max_frames: int | None, baseline: bool) -> _Me
     stages.update(encode=summary.encode_seconds, store=summary.store_seconds,
                   link=summary.link_seconds)
     runtime = ", ".join(sorted({v[4] for v in base.values()})) if base else \
-        resolve_runtime(config.detector.runtime, config.detector.device)[0]
+        resolve_runtime(config.detector.runtime, config.detector.device)[0] + (
+            "-int8?" if config.detector.precision == "int8" else "")
     measured = _Measured(
         runtime=runtime, frames=frames, stages_ms={k: 1000 * v / max(frames, 1) for k, v in stages.items()},
         video_per_wall=per_camera / wall if wall > 0 else 0.0,
@@ -154,9 +164,12 @@ def _measure(config: WatchConfig, max_frames: int | None, baseline: bool) -> _Me
 def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int | None = None,
               baseline: bool = True, runtimes: list[str] | None = None, imgsz: int | None = None,
               max_fps: float | None = None, threads: int | None = None,
-              reid_runtime: str | None = None) -> str:
-    """The bench as a markdown report: one column per detector runtime, measured one after the
-    other in this run (so they share the machine's load); overrides apply to every column."""
+              reid_runtime: str | None = None, precisions: list[str] | None = None,
+              rounds: int = 1) -> str:
+    """The bench as a markdown report: one column per detector runtime x precision, measured
+    one after the other in this run (so they share the machine's load), the whole sequence
+    `rounds` times (A B A B ...: interleaved, for a box whose load changes); overrides apply to
+    every column."""
     config = load_config(config_path)
     detector = replace(config.detector, **{k: v for k, v in (("imgsz", imgsz), ("threads", threads))
                                            if v is not None})
@@ -166,11 +179,20 @@ def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int |
     enabled = config.enabled_cameras
     lines = [f"# app.bench: {config_path}, {len(enabled)} camera(s), imgsz {detector.imgsz}, "
              f"{detector.tracker}, max_fps {[c.max_fps for c in enabled]}, stride "
-             f"{[c.stride for c in enabled]}, threads {detector.threads} per camera, encoder "
+             f"{[c.stride for c in enabled]}, threads {detector.threads} per camera, precision "
+             f"{detector.precision}, encoder "
              f"{config.reid.model} (runtime {config.reid.runtime}), max frames {max_frames}, "
              f"cpu count {os.cpu_count()}"]
-    results = [_measure(replace(config, detector=replace(detector, runtime=r)), max_frames, baseline)
-               for r in (runtimes or [detector.runtime])]
+    columns = [(r, p) for r in (runtimes or [detector.runtime])
+               for p in (precisions or [detector.precision])]
+    results = []
+    for round_ in range(rounds):
+        for r, p in columns:
+            measured = _measure(replace(config, detector=replace(detector, runtime=r, precision=p)),
+                                max_frames, baseline)
+            if rounds > 1:
+                measured.runtime += f" #{round_ + 1}"
+            results.append(measured)
     stage_names = list(dict.fromkeys(k for m in results for k in m.stages_ms))
     lines += ["", "| ms per processed frame (all stages, summed over cameras) | "
               + " | ".join(m.runtime for m in results) + " |",
@@ -214,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip detection-only timing")
     parser.add_argument("--runtime", nargs="+", choices=RUNTIMES, dest="runtimes",
                         help="detector runtime(s) to compare side by side (default: the config's)")
+    parser.add_argument("--precision", nargs="+", choices=DETECTOR_PRECISIONS, dest="precisions",
+                        help="detector precision(s) to compare side by side (default: the config's)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the columns this many times, interleaved (A B A B)")
     parser.add_argument("--imgsz", type=int, help="override detector.imgsz")
     parser.add_argument("--max-fps", type=float, help="override every camera's max_fps")
     parser.add_argument("--threads", type=int, help="override detector.threads (per camera)")
@@ -222,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(run_bench(args.cameras, args.max_frames, baseline=not args.no_baseline,
                     runtimes=args.runtimes, imgsz=args.imgsz, max_fps=args.max_fps,
-                    threads=args.threads, reid_runtime=args.reid_runtime))
+                    threads=args.threads, reid_runtime=args.reid_runtime,
+                    precisions=args.precisions, rounds=args.rounds))
     return 0
 
 

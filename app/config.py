@@ -31,6 +31,7 @@ TRACKERS = ("bytetrack", "botsort")
 KEYPOINT_BACKENDS = ("auto", "pifpaf", "yolo-pose")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")  # detector and encoder inference runtimes
+DETECTOR_PRECISIONS = ("auto", "int8")  # tracking.runtimes.PRECISIONS
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -95,7 +96,10 @@ class DetectorConfig:
     768x576 frame (where YOLO11n-pose finds them) at about half the pixels.
 
     `runtime`: auto | torch | openvino | onnxruntime (`tracking.runtimes`; auto = OpenVINO on a
-    CPU when installed, torch on CUDA). `threads`: each camera worker's share of the cores."""
+    CPU when installed, torch on CUDA). `threads`: each camera worker's share of the cores.
+    `precision`: auto (the runtime's own: OpenVINO bf16 on CPUs that have it) | int8 (OpenVINO:
+    NNCF post-training quantisation calibrated on each camera's own video, built once, cached;
+    the same people found, README Performance)."""
 
     weights: str | None = None
     imgsz: int = 960
@@ -105,6 +109,7 @@ class DetectorConfig:
     device: str | None = None
     threads: int = 1
     runtime: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -429,6 +434,7 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
     check.number("detector", det, "iou", minimum=0.0, maximum=1.0)
     check.number("detector", det, "threads", integer=True, minimum=1)
     check.choice("detector", det, "runtime", RUNTIMES)
+    check.choice("detector", det, "precision", DETECTOR_PRECISIONS)
     check.string("detector", det, "device")
     tracker = det.get("tracker")
     if tracker is not None and tracker not in TRACKERS and not Path(str(tracker)).is_file():

@@ -43,6 +43,9 @@ from .config import CameraConfig, ClipConfig, DetectorConfig, KeypointsConfig
 LOG = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 1.0
 STAGES = ("decode", "detect_track", "keypoints", "crop", "send")
+CALIBRATION_FRAMES = 48  # INT8 calibration: frames of the camera's own video (once, cached)
+CALIBRATION_FPS = {"file": 0.5, "live": 2.0}  # spread over 96 s of a file, 24 s of a stream
+CALIBRATION_TIMEOUT_S = 60.0
 HALF_SEND_FAULT_ENV = "KEYREID_FAULT_HALF_SEND"  # test hook: camera id that dies mid-message
 
 
@@ -264,12 +267,61 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
     outbox.send(Finished(camera.id, outcome, reason, status), force=True)
 
 
+def calibration_id(camera: CameraConfig, count: int = CALIBRATION_FRAMES) -> dict:
+    """Where a camera's INT8 calibration frames come from: the quantised model's cache key (a
+    file that changed, by size or time, is a new video)."""
+    from pathlib import Path
+
+    where = {"source": camera.shown_source, "crop": list(camera.crop or ()), "frames": count,
+             "fps": CALIBRATION_FPS["live" if camera.is_live else "file"]}
+    if camera.is_file and Path(camera.source).is_file():
+        stat = Path(camera.source).stat()
+        where.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    return where
+
+
+def calibration_frames(camera: CameraConfig, count: int = CALIBRATION_FRAMES,
+                       timeout: float = CALIBRATION_TIMEOUT_S, open_timeout: float = 5.0) -> list:
+    """Up to `count` RGB frames of the camera (its crop), spread over its first minute or two:
+    what INT8 calibration sees. Never reconnects; gives up after `timeout` seconds (a live
+    camera that is down: the detector then runs at the runtime's own precision this time)."""
+    from tracking.sources import VideoSource
+
+    source = VideoSource(camera.source, crop=camera.crop, live=camera.live, reconnect=None,
+                         max_fps=CALIBRATION_FPS["live" if camera.is_live else "file"],
+                         open_timeout=open_timeout, read_timeout=open_timeout,
+                         name=camera.id)
+    timer = threading.Timer(timeout, source.stop)
+    timer.daemon = True
+    timer.start()
+    frames = []
+    try:
+        for frame in source:
+            frames.append(frame.image)
+            if len(frames) >= count:
+                break
+    finally:
+        timer.cancel()
+        source.stop()
+    return frames
+
+
+def build_tracker(camera: CameraConfig, det: DetectorConfig):
+    """The camera's `PoseTracker` as configured (INT8 calibrated on this camera's video)."""
+    from tracking.detector import PoseTracker
+
+    return PoseTracker(det.weights, imgsz=det.imgsz, conf=det.conf, iou=det.iou,
+                       tracker=det.tracker, device=det.device, threads=det.threads,
+                       runtime=det.runtime, precision=det.precision,
+                       calibration=lambda: calibration_frames(camera),
+                       calibration_id=calibration_id(camera))
+
+
 class _CameraRun:
     """The per-frame loop of one camera, with stage timings and counters."""
 
     def __init__(self, camera: CameraConfig, settings: WorkerSettings, outbox: _Outbox,
                  stop) -> None:
-        from tracking.detector import PoseTracker
         from tracking.keypoints import select_keypoint_backend
         from tracking.sources import LatestFrames, VideoSource
         from tracking.tracklets import TrackletBuffer
@@ -285,9 +337,7 @@ class _CameraRun:
                              open_timeout=settings.open_timeout,
                              read_timeout=settings.open_timeout)
         self.source = LatestFrames(source) if source.live else source
-        self.tracker = PoseTracker(det.weights, imgsz=det.imgsz, conf=det.conf, iou=det.iou,
-                                   tracker=det.tracker, device=det.device,
-                                   threads=det.threads, runtime=det.runtime)
+        self.tracker = build_tracker(camera, det)
         height, width = (camera.crop[3], camera.crop[2]) if camera.crop else (480, 640)
         self.tracker.warm_up(height, width)  # before Ready: the first frame then costs what others do
         kp = settings.keypoints

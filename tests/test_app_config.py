@@ -69,6 +69,7 @@ def test_valid_file_resolves_paths_relative_to_the_config_and_expands_variables(
      "database: database URL"),
     ("detector: {imgsz: big}\n" + GOOD_CAMERAS, "detector: imgsz must be an integer"),
     ("detector: {tracker: sort}\n" + GOOD_CAMERAS, "detector: tracker must be one of"),
+    ("detector: {precision: int4}\n" + GOOD_CAMERAS, "detector: precision must be one of"),
     ("keypoints: {backend: openpose}\n" + GOOD_CAMERAS, "keypoints: backend must be one of"),
     ("clips: {window: 8, overlap: 8}\n" + GOOD_CAMERAS, "clips: overlap (8) must be < window (8)"),
     ("linking: {threshold: 0.6}\n" + GOOD_CAMERAS, "linking: threshold is gone"),

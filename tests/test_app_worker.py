@@ -77,3 +77,31 @@ def test_a_restarted_worker_continues_numbering_and_a_reset_starts_new_tracklets
     assert [d.track_id for d in ids.relabel([_detection(1), _detection(2)])] == [42, 43]
     ids.reset()  # after an outage the tracker's id 1 is somebody new
     assert [d.track_id for d in ids.relabel([_detection(1)])] == [44]
+
+
+def test_int8_calibration_reads_the_cameras_own_crop_and_keys_on_the_file(tmp_path):
+    """Calibration frames: the camera's crop, spread over the video (0.5 fps of stream time),
+    capped; the cache key names the source and changes when the file does."""
+    import os
+
+    from support import bus_video
+
+    from app.config import CameraConfig
+    from app.worker import calibration_frames, calibration_id
+
+    video = bus_video(tmp_path / "bus.mkv", 60)  # 6 s at 10 fps
+    camera = CameraConfig("left", str(video), crop=(0, 0, 200, 560))
+    frames = calibration_frames(camera, count=48)
+    assert len(frames) == 3 and all(f.shape == (560, 200, 3) for f in frames)  # t = 0, 2, 4 s
+    assert len(calibration_frames(camera, count=2)) == 2
+    key = calibration_id(camera)
+    assert key["crop"] == [0, 0, 200, 560] and key["source"] == str(video)
+    assert calibration_id(CameraConfig("right", str(video), crop=(200, 0, 200, 560))) != key
+    os.utime(video, ns=(1, 1))
+    assert calibration_id(camera) != key
+    missing = CameraConfig("gone", str(tmp_path / "none.mkv"))
+    import pytest
+
+    from tracking.sources import SourceError
+    with pytest.raises(SourceError):
+        calibration_frames(missing)

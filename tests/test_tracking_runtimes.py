@@ -29,6 +29,13 @@ def needs(runtime: str) -> None:
         pytest.skip(f"{runtime} not installed ({', '.join(missing)}): pip install -e .[cpu-fast]")
 
 
+def needs_nncf() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        pytest.skip("nncf not installed (INT8): pip install nncf")
+
+
 def any_exported_runtime() -> str:
     for runtime in EXPORTED:
         if not runtimes.missing_packages(runtime):
@@ -140,6 +147,72 @@ def test_exported_detector_tracks_with_pinned_threads(runtime, weights, demo_cam
     assert all(p.track_id >= 1 and p.keypoints.shape == (17, 3) for p in people)
     ids = [{p.track_id for p in frame} for frame in tracks]
     assert ids[-1] & set().union(*ids[:-1])  # ids persist across frames (persist=True works)
+
+
+def _matches(reference, found) -> tuple[int, int, int]:
+    """(people torch found, people found, people found again with box IoU >= 0.9)."""
+    matched = 0
+    for (ref_boxes, _), (boxes, _) in zip(reference, found):
+        if len(ref_boxes) and len(boxes):
+            overlap = _iou(ref_boxes, boxes)
+            rows, cols = linear_sum_assignment(-overlap)
+            matched += int((overlap[rows, cols] >= 0.9).sum())
+    return sum(len(b) for b, _ in reference), sum(len(b) for b, _ in found), matched
+
+
+def test_int8_detector_finds_the_same_people_and_is_cached_by_calibration(
+        weights, demo_halves, torch_detections, export_dir):
+    """INT8 (NNCF) calibrated on the demo video: the acceptance rule of the fp32 exports
+    (IoU >= 0.9 for >= 95%, count within 3%); a second start reads no frame; other calibration
+    frames (another camera, a changed file) are another model."""
+    needs("openvino")
+    needs_nncf()
+    calls = []
+
+    def calibration():
+        calls.append(1)
+        return demo_halves[::3]  # both halves, spread over the first 300 frames
+
+    where = {"source": "vtest.avi", "frames": len(demo_halves[::3])}
+    tracker = PoseTracker(weights, imgsz=IMGSZ, runtime="openvino", threads=1, precision="int8",
+                          calibration=calibration, calibration_id=where, export_dir=export_dir)
+    assert tracker.precision == "int8" and "INT8" in tracker.runtime_reason, tracker.runtime_reason
+    assert "_int8_openvino_model" in tracker.model_path.name and calls == [1]
+    reference, count, matched = _matches(torch_detections, _detect(tracker, demo_halves))
+    assert reference >= 100
+    assert abs(count - reference) <= 0.03 * reference, (count, reference)
+    assert matched >= 0.95 * reference, (matched, reference)
+
+    again = PoseTracker(weights, imgsz=IMGSZ, runtime="openvino", precision="int8",
+                        calibration=calibration, calibration_id=where, export_dir=export_dir)
+    assert again.model_path == tracker.model_path and calls == [1]  # reused, no frame read
+    assert runtimes.verify_export(tracker.model_path.parent) is None
+    other = runtimes.quantized_model(weights, IMGSZ, lambda: demo_halves[:4],
+                                     {**where, "size": 1}, export_dir)
+    assert other != tracker.model_path
+
+
+def test_int8_falls_back_to_the_export_or_torch_with_the_reason(weights, tmp_path, monkeypatch):
+    torch_tracker = PoseTracker(weights, imgsz=640, runtime="torch", precision="int8",
+                                calibration=list, export_dir=tmp_path)
+    assert torch_tracker.runtime == "torch" and torch_tracker.precision == "auto"
+    assert "INT8 needs the openvino runtime" in torch_tracker.runtime_reason
+    needs("openvino")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantiser exploded")
+
+    monkeypatch.setattr(runtimes, "_quantize", broken)
+    needs_nncf()
+    tracker = PoseTracker(weights, imgsz=640, runtime="openvino", precision="int8",
+                          calibration=lambda: [np.zeros((64, 64, 3), np.uint8)],
+                          calibration_id={"source": "x"}, export_dir=tmp_path)
+    assert tracker.runtime == "openvino" and tracker.precision == "auto"
+    assert "quantiser exploded" in tracker.runtime_reason
+    assert tracker.model_path.name.endswith("_openvino_model")  # the fp32 export runs
+    assert not [p for p in tmp_path.iterdir() if p.is_dir() and "int8" in p.name]
+    with pytest.raises(ValueError, match="precision"):
+        PoseTracker(weights, imgsz=640, runtime="torch", precision="int4")
 
 
 def test_auto_prefers_openvino_then_onnxruntime_on_cpu_and_torch_on_cuda(monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -22,7 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from reid.checkpoints import file_digest
 LOG = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+PRECISIONS = ("auto", "int8")  # auto: the runtime's own (OpenVINO: bf16 on CPUs with it)
 # ultralytics export format, and the packages that export + run it.
 _FORMATS = {"openvino": "openvino", "onnxruntime": "onnx"}
 _PACKAGES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx", "onnxslim")}
@@ -150,35 +152,113 @@ def exported_model(weights: str | os.PathLike, imgsz: int, runtime: str,
     if runtime not in _FORMATS:
         raise ValueError(f"{runtime!r} has no exported model (use one of {sorted(_FORMATS)})")
     weights = Path(weights)
+    key = export_key(weights, imgsz, runtime)
+
+    def build(staging: Path) -> Path:
+        LOG.info("detector: exporting %s for %s at imgsz %d (once; cached)", weights.name,
+                 runtime, imgsz)
+        model = _export(weights, imgsz, runtime, staging)
+        _check_loads(model, runtime)
+        return model
+
+    return _cached(export_dir, _folder_name(weights, key), {**key, "weights": str(weights)},
+                   f"{runtime} export", build)
+
+
+def _cached(export_dir: str | os.PathLike | None, name: str, key: dict[str, Any], what: str,
+            build) -> Path:
+    """The model in cache folder `name`, made by `build(staging)` (returns the model path inside
+    staging) on first use or when the cached folder fails its checksums; folders appear complete
+    or not at all, and workers starting together build once (the others wait on a lock)."""
     root = Path(export_dir) if export_dir is not None else default_export_dir()
     root.mkdir(parents=True, exist_ok=True)
-    key = export_key(weights, imgsz, runtime)
-    folder = root / _folder_name(weights, key)
+    folder = root / name
     with _locked(root / f"{folder.name}.lock"):
         if folder.exists():
             problem = verify_export(folder)
             if problem is None:
                 model = folder / json.loads((folder / MANIFEST).read_text())["model"]
-                LOG.info("detector: reusing the %s export %s", runtime, folder)
+                LOG.info("detector: reusing the %s %s", what, folder)
                 return model
-            LOG.warning("detector: cached %s export %s is corrupt (%s); exporting again",
-                        runtime, folder, problem)
+            LOG.warning("detector: cached %s %s is corrupt (%s); building it again", what,
+                        folder, problem)
             shutil.rmtree(folder)
-        LOG.info("detector: exporting %s for %s at imgsz %d (once; cached in %s)",
-                 weights.name, runtime, imgsz, folder)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}."))
         try:
-            model = _export(weights, imgsz, runtime, staging)
-            _check_loads(model, runtime)
+            model = build(staging)
             files = {str(p.relative_to(staging)): file_digest(p, length=64)
                      for p in sorted(staging.rglob("*")) if p.is_file()}
-            manifest = {**key, "weights": str(weights), "model": str(model.relative_to(staging)),
-                        "files": files}
+            manifest = {**key, "model": str(model.relative_to(staging)), "files": files}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
             os.replace(staging, folder)  # the folder appears complete, or not at all
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        LOG.info("detector: %s cached in %s", what, folder)
         return folder / manifest["model"]
+
+
+def quantized_model(weights: str | os.PathLike, imgsz: int, calibration: Callable[[], list],
+                    calibration_id: dict[str, Any], export_dir: str | os.PathLike | None = None) -> Path:
+    """An OpenVINO INT8 model (NNCF post-training quantisation of the fp32 export), calibrated on
+    `calibration()`: RGB uint8 frames of the camera's own video, called only when the model is
+    built. `calibration_id` says where those frames come from (source, crop, how many): the
+    cache key, with the weights, size and versions, so a second start reuses the model without
+    reading a frame. The detection head stays in floating point, as in ultralytics' own INT8
+    export (boxes and keypoints are decoded there).
+
+    Raises whatever failed (nncf missing, no frames, ...); the caller falls back to the fp32 export.
+    """
+    if importlib.util.find_spec("nncf") is None:
+        raise ModuleNotFoundError("nncf is not installed (pip install nncf)")
+    weights = Path(weights)
+    base = exported_model(weights, imgsz, "openvino", export_dir)
+    key = {**export_key(weights, imgsz, "openvino"), "precision": "int8",
+           "nncf_version": importlib.metadata.version("nncf"),
+           "calibration": json.loads(json.dumps(calibration_id, sort_keys=True, default=str))}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{_folder_name(weights, key)}-int8-{digest}"
+
+    def build(staging: Path) -> Path:
+        frames = list(calibration())
+        if not frames:
+            raise RuntimeError("no calibration frames (the camera's video gave none)")
+        LOG.info("detector: INT8-quantising %s at imgsz %d on %d frames of %s (once; cached, "
+                 "about a second a frame)", weights.name, imgsz, len(frames), calibration_id)
+        return _quantize(base, imgsz, frames, staging)
+
+    return _cached(export_dir, name, {**key, "weights": str(weights)}, "INT8 model", build)
+
+
+def _quantize(base: Path, imgsz: int, frames: list, staging: Path) -> Path:
+    """NNCF-quantise the OpenVINO model folder `base` on RGB `frames`, letterboxed exactly as
+    ultralytics' predictor feeds a dynamic export; written as an `_openvino_model` folder."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+    from ultralytics.data.augment import LetterBox
+
+    letterbox = LetterBox((imgsz, imgsz), auto=True, stride=32)
+
+    def transform(rgb):
+        image = letterbox(image=np.ascontiguousarray(rgb)).transpose(2, 0, 1)
+        return np.ascontiguousarray(image, dtype=np.float32)[None] / 255.0
+
+    model = ov.Core().read_model(next(base.glob("*.xml")))
+    operations = model.get_ordered_ops()
+    sigmoids = [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"]
+    head = sigmoids[-1].split("/", 1)[0]  # ultralytics' own rule for its Detect / Pose heads
+    ignored = [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"
+               or op.get_friendly_name().startswith((f"{head}/", f"{head}.dfl"))]
+    quantized = nncf.quantize(model, nncf.Dataset(frames, transform),
+                              preset=nncf.QuantizationPreset.MIXED, subset_size=len(frames),
+                              ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+    folder = staging / base.name.replace("_openvino_model", "_int8_openvino_model")
+    folder.mkdir()
+    xml = folder / next(base.glob("*.xml")).name
+    ov.save_model(quantized, xml, compress_to_fp16=False)
+    shutil.copyfile(base / "metadata.yaml", folder / "metadata.yaml")
+    _check_loads(folder, "openvino")
+    return folder
 
 
 def _export(weights: Path, imgsz: int, runtime: str, staging: Path) -> Path:
