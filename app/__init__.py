@@ -1,2 +1,5 @@
-"""KeyRe-ID Watch application: the `keyreid-watch` service (config, workers, encoder service,
-identity linking), the demo fetcher and the benchmark. The dashboard lives in `app.dashboard*`."""
+"""KeyRe-ID Watch application, in the order data flows: `app.watcher` (the `keyreid-watch`
+service: config, camera workers, encoder service, storing and linking), then `app.dashboard`
+(the Streamlit dashboard that searches what the watcher stored). The modules here are tools
+around both: `bench` (pipeline speed), `bench_linking` (the linker at scale), `soak` (a long
+real-time run) and `evaluate` (a database scored against ground truth)."""

@@ -5,7 +5,7 @@ tracker, stride / max_fps, torch threads, one process per camera in both cases):
 
 1. ultralytics' detection + tracking alone: each camera's sampled frames are decoded first
    (untimed), then only `PoseTracker.update` is timed;
-2. the whole watcher (`app.watch.Watcher`): decode, detect+track, keypoints, crop, encode,
+2. the whole watcher (`app.watcher.watch.Watcher`): decode, detect+track, keypoints, crop, encode,
    store and link, into a temporary database.
 
 It prints seconds of video processed per wall second (>= 1.0 keeps up with real time, per
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tracking.runtimes import resolve_runtime
 
-from .config import (
+from .watcher.config import (
     DETECTOR_PRECISIONS,
     RUNTIMES,
     CameraConfig,
@@ -40,7 +40,7 @@ from .config import (
     WatchConfig,
     load_config,
 )
-from .watch import Watcher
+from .watcher.watch import Watcher
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "cams.yaml"
 
@@ -50,7 +50,7 @@ def _detect_only(camera: CameraConfig, detector: DetectorConfig, max_frames: int
     """One camera: decode its sampled frames, then time YOLO-pose + tracker on them."""
     from tracking.sources import VideoSource
 
-    from .worker import build_tracker
+    from .watcher.worker import build_tracker
 
     source = VideoSource(camera.source, crop=camera.crop, stride=camera.stride,
                          max_fps=camera.max_fps, live=camera.live, name=camera.id)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import av
 
-from .config import default_cache_dir
-from .demo import VIDEO_NAME
+from .watcher.config import default_cache_dir
+from .watcher.demo import VIDEO_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMERAS = """\
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     log = args.out / "watch.log"
     print(f"soak: {args.minutes:g} min of the looped demo ({looped}), log {log}", flush=True)
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "app.watch", "--cameras", str(config),
+        process = subprocess.Popen([sys.executable, "-m", "app.watcher.watch", "--cameras", str(config),
                                     "--realtime", "--duration", str(seconds)], cwd=ROOT,
                                    stdout=out, stderr=subprocess.STDOUT)
     started = time.monotonic()

@@ -75,12 +75,16 @@ if [[ ! -d $DIR/before ]]; then
   trap 'git -C "$REPO" worktree remove --force "$DIR/before" 2>/dev/null || true' EXIT
 fi
 
+watcher_module() {  # the watcher's module in a tree (app/watch.py before app/ was split)
+  if [[ -f $1/app/watch.py ]]; then echo app.watch; else echo app.watcher.watch; fi
+}
+
 watch_and_score() {  # watch_and_score TREE NAME CAMS_YAML: DIR/NAME.db and DIR/NAME.json
   local tree=$1 name=$2 cams=$3 tree_dir=$REPO
   [[ $tree == before ]] && tree_dir=$DIR/before
   if [[ ! -f $DIR/$name.json ]]; then
     rm -f "$DIR/$name.db" "$DIR/$name.db-wal" "$DIR/$name.db-shm"
-    (cd "$tree_dir" && export PYTHONPATH=$tree_dir && timed "watch-$name" "$PY" -m app.watch \
+    (cd "$tree_dir" && export PYTHONPATH=$tree_dir && timed "watch-$name" "$PY" -m "$(watcher_module "$tree_dir")" \
         --cameras "$cams" --db "sqlite:///$DIR/$name.db")
     (cd "$tree_dir" && export PYTHONPATH=$tree_dir && timed "evaluate-$name" "$PY" -m app.evaluate \
         --db "sqlite:///$DIR/$name.db" --truth "$SCENE" --json "$DIR/$name.json")
@@ -98,7 +102,7 @@ if (( DEMO )); then
   for tree in after before; do
     tree_dir=$REPO; [[ $tree == before ]] && tree_dir=$DIR/before
     if [[ ! -f $DIR/demo-$tree.db ]]; then
-      (cd "$tree_dir" && export PYTHONPATH=$tree_dir && timed "demo-$tree" "$PY" -m app.watch \
+      (cd "$tree_dir" && export PYTHONPATH=$tree_dir && timed "demo-$tree" "$PY" -m "$(watcher_module "$tree_dir")" \
           --cameras "$tree_dir/examples/cams.yaml" --db "sqlite:///$DIR/demo-$tree.db")
     fi
   done

@@ -104,7 +104,7 @@ HALVES = """
 def run_watcher(config: Path, *args: str, wait: bool = True, timeout: float = 240):
     """Run the CLI; `wait=False` returns the Popen, its output going to `<config>.N.log`
     (a file, not a pipe nobody drains while the test waits)."""
-    command = [sys.executable, "-m", "app.watch", "--cameras", str(config), *args]
+    command = [sys.executable, "-m", "app.watcher.watch", "--cameras", str(config), *args]
     if not wait:
         log = config.with_suffix(f".{len(list(config.parent.glob('*.log')))}.log")
         with open(log, "w") as out:

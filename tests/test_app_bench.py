@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from app.bench import run_bench
-from app.demo import FetchError, fetch_demo
+from app.watcher.demo import FetchError, fetch_demo
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import ConfigError, load_config
-from app.watch import EXIT_CONFIG, main
+from app.watcher.config import ConfigError, load_config
+from app.watcher.watch import EXIT_CONFIG, main
 
 GOOD_CAMERAS = """
 cameras:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.config import load_config
-from app.demo import FetchError, fetch_demo
+from app.watcher.config import load_config
+from app.watcher.demo import FetchError, fetch_demo
 from storage import open_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def test_example_config_is_valid_and_reads_the_cache(demo_assets):
 def test_demo_video_end_to_end(demo_assets, tmp_path):
     db = tmp_path / "demo.db"
     result = subprocess.run(
-        [sys.executable, "-m", "app.watch", "--cameras", str(EXAMPLE), "--db", f"sqlite:///{db}",
+        [sys.executable, "-m", "app.watcher.watch", "--cameras", str(EXAMPLE), "--db", f"sqlite:///{db}",
          "--max-frames", "60"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     with open_repository(f"sqlite:///{db}", readonly=True) as repo:

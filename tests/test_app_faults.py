@@ -52,7 +52,7 @@ def test_worker_killed_half_way_through_a_message_fails_its_camera_alone(tmp_pat
     config = watcher_config(tmp_path, weights, HALVES)
     env = {**os.environ, "KEYREID_FAULT_HALF_SEND": "left"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "app.watch", "--cameras", str(config)],
+    result = subprocess.run([sys.executable, "-m", "app.watcher.watch", "--cameras", str(config)],
                             cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 1, result.stderr[-3000:]
     assert time.monotonic() - started < 200
@@ -73,7 +73,7 @@ def test_sigterm_to_the_process_group_stops_cleanly(tmp_path, weights):
     db = tmp_path / "watch.db"
     log = tmp_path / "watch.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "app.watch", "--cameras", str(config),
+        process = subprocess.Popen([sys.executable, "-m", "app.watcher.watch", "--cameras", str(config),
                                     "--realtime"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
@@ -146,7 +146,7 @@ def test_encoder_out_of_memory_and_a_non_finite_descriptor(tmp_path, weights):
     bus_video(tmp_path / "bus.mkv", 40)
     config = watcher_config(tmp_path, weights, HALVES)
     env = {**os.environ, "KEYREID_FAULT_ENCODER": "oom=1,nan=1"}
-    result = subprocess.run([sys.executable, "-m", "app.watch", "--cameras", str(config)],
+    result = subprocess.run([sys.executable, "-m", "app.watcher.watch", "--cameras", str(config)],
                             cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"encoder out of memory on (\d+) clips; batch size now (\d+)",
@@ -368,7 +368,7 @@ def test_a_password_in_a_camera_url_appears_nowhere(tmp_path, weights):
     os.environ["KEYREID_DASHBOARD_DB"] = f"sqlite:///{tmp_path / 'watch.db'}"
     try:
         for page in ("overview", "identities"):
-            at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=60)
+            at = AppTest.from_file(str(ROOT / "app" / "dashboard" / "ui.py"), default_timeout=60)
             at.query_params["page"] = page
             at.run()
             assert not at.exception
@@ -408,7 +408,7 @@ def test_retention_shrinks_an_over_budget_database_while_the_watcher_writes(tmp_
         from streamlit.testing.v1 import AppTest
         pages = 0
         while process.poll() is None:  # the dashboard keeps working beside both writers
-            at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=60)
+            at = AppTest.from_file(str(ROOT / "app" / "dashboard" / "ui.py"), default_timeout=60)
             at.run()
             assert not at.exception, at.exception
             pages += 1

@@ -5,7 +5,7 @@ import queue
 
 import numpy as np
 
-from app.worker import Output, Status, _Outbox, _TrackletIds
+from app.watcher.worker import Output, Status, _Outbox, _TrackletIds
 from tracking.types import Clip, Detection, TrackletUpdate
 
 
@@ -86,8 +86,8 @@ def test_int8_calibration_reads_the_cameras_own_crop_and_keys_on_the_file(tmp_pa
 
     from support import bus_video
 
-    from app.config import CameraConfig
-    from app.worker import calibration_frames, calibration_id
+    from app.watcher.config import CameraConfig
+    from app.watcher.worker import calibration_frames, calibration_id
 
     video = bus_video(tmp_path / "bus.mkv", 60)  # 6 s at 10 fps
     camera = CameraConfig("left", str(video), crop=(0, 0, 200, 560))

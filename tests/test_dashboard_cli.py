@@ -1,13 +1,13 @@
 """`keyreid-dashboard` arguments -> the Streamlit command line and the script's settings."""
-from app.dashboard_cli import build_parser, streamlit_command, streamlit_environment
-from app.dashboard_data import DashboardSettings
+from app.dashboard.cli import build_parser, streamlit_command, streamlit_environment
+from app.dashboard.data import DashboardSettings
 
 
 def test_defaults_bind_to_localhost_headless_and_pass_the_database():
     args = build_parser().parse_args(["--db", "some/dir/keyreid.db"])
     command = streamlit_command(args)
     option = lambda name: command[command.index(name) + 1]
-    assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("app/dashboard.py")
+    assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("app/dashboard/ui.py")
     assert option("--server.address") == "127.0.0.1" and option("--server.port") == "8501"
     assert option("--server.headless") == "true"
     env = streamlit_environment(args, {"KEYREID_DASHBOARD_CHECKPOINT": "stale.pt"})

@@ -40,7 +40,7 @@ def free_port() -> int:
 def dashboard_command() -> list[str]:
     """The installed console script, else the same entry point through `python -m`."""
     script = Path(sys.executable).with_name("keyreid-dashboard")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "app.dashboard_cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app.dashboard.cli"]
 
 
 def start_dashboard(url: str, folder: Path) -> tuple[subprocess.Popen, str]:
@@ -214,7 +214,7 @@ def test_browser_over_the_watcher_running_on_the_demo_video(tmp_path, browser):
           - {{id: left, source: {video}, crop: [0, 0, 384, 576], max_fps: null}}
           - {{id: right, source: {video}, crop: [384, 0, 384, 576], max_fps: null}}
     """))
-    watcher = subprocess.Popen([sys.executable, "-m", "app.watch", "--cameras", str(config),
+    watcher = subprocess.Popen([sys.executable, "-m", "app.watcher.watch", "--cameras", str(config),
                                 "--max-frames", "80"], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     server = None

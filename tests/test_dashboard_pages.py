@@ -19,7 +19,7 @@ from PIL import Image
 import reid
 from storage import SCHEMA_VERSION, NewClip, open_repository
 
-SCRIPT = str(Path(__file__).resolve().parents[1] / "app" / "dashboard.py")
+SCRIPT = str(Path(__file__).resolve().parents[1] / "app" / "dashboard" / "ui.py")
 # The untrained default encoder's id (it carries a digest of its configuration and weights).
 MODEL_ID = reid.Encoder(device="cpu").model_id
 DIM = 4800  # keyreid_vit_tiny's descriptor size: uploads are encoded by that model

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import GifImagePlugin, Image
 
-from app import dashboard_upload
-from app.dashboard_upload import (
+from app.dashboard import upload as dashboard_upload
+from app.dashboard.upload import (
     ClipPolicy,
     UploadedFile,
     UploadError,

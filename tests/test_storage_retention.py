@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.dashboard_data import (
+from app.dashboard.data import (
     DashboardError,
     activity_points,
     camera_rows,

@@ -37,7 +37,7 @@ from training.tracklets import FRAMES_DIR, KEYPOINT_BACKEND, MANIFEST_NAME, read
 
 log = logging.getLogger(__name__)
 
-# app.config.ClipConfig defaults, for runs stored without a clips section.
+# app.watcher.config.ClipConfig defaults, for runs stored without a clips section.
 WATCHER_CROP_MARGIN = 0.1
 WATCHER_CLIP_SIZE = (256, 128)
 JPEG_QUALITY = 95

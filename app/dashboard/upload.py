@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tracking import Clip, Detection, VideoFrame
 from tracking.tracklets import TrackletBuffer
 
-from .dashboard_data import DashboardError
+from .data import DashboardError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
 MAX_IMAGE_PIXELS = 40_000_000  # per image or video frame; bigger is refused before decoding

@@ -5,7 +5,7 @@
 
 The dashboard binds to 127.0.0.1 unless told otherwise (it has no login: exposing it is an
 explicit choice), runs headless, and opens the database read-only. Settings reach the
-Streamlit script as environment variables (`app.dashboard_data.ENV_*`), the one channel that
+Streamlit script as environment variables (`app.dashboard.data.ENV_*`), the one channel that
 works the same under `streamlit run` and Streamlit's AppTest.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from storage import validate_database_url
 
-from .dashboard_data import (
+from .data import (
     DEFAULT_MAX_UPLOAD_MB,
     ENV_CHECKPOINT,
     ENV_DB,
@@ -27,7 +27,7 @@ from .dashboard_data import (
     as_database_url,
 )
 
-SCRIPT = Path(__file__).with_name("dashboard.py")
+SCRIPT = Path(__file__).with_name("ui.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def streamlit_environment(args: argparse.Namespace, base: dict[str, str]) -> dic
             env[name] = value
         else:
             env.pop(name, None)
-    root = str(SCRIPT.resolve().parent.parent)
+    root = str(SCRIPT.resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, base.get("PYTHONPATH")) if p)
     return env
 

@@ -21,7 +21,7 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from app.dashboard_data import (
+from app.dashboard.data import (
     AnnotatedHit,
     Candidate,
     DashboardError,
@@ -46,7 +46,7 @@ from app.dashboard_data import (
     transit_words,
     unlinked_reason,
 )
-from app.dashboard_upload import ClipPolicy, UploadedFile, UploadError, build_query_clip
+from app.dashboard.upload import ClipPolicy, UploadedFile, UploadError, build_query_clip
 from storage import GalleryIndex, Repository, StorageError, TrackletRecord
 from storage.similarity import similarity_percent
 

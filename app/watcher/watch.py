@@ -1,7 +1,7 @@
 """`keyreid-watch`: watch many cameras, store person clips and descriptors, link people across cameras.
 
 The main process is the database's single writer and hosts the encoder service; each camera
-runs in its own worker process (`app.worker`), read by a thread of its own so that no worker,
+runs in its own worker process (`app.watcher.worker`), read by a thread of its own so that no worker,
 even one killed half-way through a message, can block the main loop. The promises, in order:
 
 - Nothing committed is lost: every write is one short transaction. Writes that fail for a
