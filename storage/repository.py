@@ -620,7 +620,7 @@ class Repository:
                 LinkDecision.tracklet_id == tracklet_id, LinkDecision.kind == "rejected"))
             return {self._resolve_merges(s, identity_id) for identity_id in rejected}
 
-    def _unlinked_filter(self, camera_ids) -> list:
+    def _unlinked_filter(self, camera_ids, time_range) -> list:
         """Finished tracklets the linker left alone: no identity yet (still pending in a running
         watcher), or alone in an identity it opened without being confident that this is a new
         person ("new" decisions other than "confidently nobody known")."""
@@ -642,21 +642,26 @@ class Repository:
                       or_(Tracklet.identity_id.is_(None), alone_unsure)]
         if camera_ids is not None:
             conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
+        if time_range is not None:
+            conditions += [_FIRST_SEEN <= time_range[1], _LAST_SEEN >= time_range[0]]
         return conditions
 
-    def unlinked_tracklets(self, *, camera_ids: Iterable[str] | None = None, offset: int = 0,
+    def unlinked_tracklets(self, *, camera_ids: Iterable[str] | None = None,
+                           time_range: tuple[float, float] | None = None, offset: int = 0,
                            limit: int | None = None,
                            thumbnails: bool = True) -> list[TrackletRecord]:
-        """Tracklets waiting for an operator (see `_unlinked_filter`), newest first."""
-        query = (select(Tracklet).where(*self._unlinked_filter(camera_ids))
+        """Tracklets waiting for an operator (see `_unlinked_filter`), newest first; a time
+        range keeps those overlapping it."""
+        query = (select(Tracklet).where(*self._unlinked_filter(camera_ids, time_range))
                  .order_by(_FIRST_SEEN.desc(), Tracklet.id.desc()).offset(offset).limit(limit))
         with self._read() as s:
             return [_tracklet_record(t, thumbnails) for t in s.scalars(query)]
 
-    def count_unlinked(self, camera_ids: Iterable[str] | None = None) -> int:
+    def count_unlinked(self, camera_ids: Iterable[str] | None = None,
+                       time_range: tuple[float, float] | None = None) -> int:
         with self._read() as s:
             return s.scalar(select(func.count(Tracklet.id))
-                            .where(*self._unlinked_filter(camera_ids))) or 0
+                            .where(*self._unlinked_filter(camera_ids, time_range))) or 0
 
     def recent_identities(self, since: float, model_id: str) -> list[IdentitySnapshot]:
         """Live identities with a member seen at or after `since` (wall-clock seconds), each

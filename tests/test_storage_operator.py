@@ -84,6 +84,8 @@ def test_unlinked_lists_what_the_linker_left_alone_newest_first(repo):
     assert repo.count_unlinked() == 2
     assert [t.id for t in repo.unlinked_tracklets(camera_ids=["a"])] == [pending]
     assert [t.id for t in repo.unlinked_tracklets(offset=1, limit=5)] == [pending]
+    assert [t.id for t in repo.unlinked_tracklets(time_range=(12.0, 14.0))] == [unsure]
+    assert repo.count_unlinked(time_range=(100.0, 200.0)) == 0
     repo.confirm_link(unsure, repo.get_tracklet(grown).identity_id)
     assert [t.id for t in repo.unlinked_tracklets()] == [pending]
 

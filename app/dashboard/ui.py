@@ -474,13 +474,14 @@ def unlinked_page(repo: Repository, index: GalleryIndex | None, cameras, filters
                "watcher follows both.")
     if "flash" in st.session_state:
         st.success(st.session_state.pop("flash"))
-    total = repo.count_unlinked(camera_ids=filters["cameras"])
+    total = repo.count_unlinked(camera_ids=filters["cameras"], time_range=filters["time_range"])
     if not total:
         st.info("No unlinked tracklet: every finished tracklet of the selected cameras is in an "
                 "identity with others, or the linker was sure it is someone new.")
         return
     offset = pager("Unlinked tracklets", total, UNLINKED_PAGE_SIZE, key="unlinked_page")
-    page = repo.unlinked_tracklets(camera_ids=filters["cameras"], offset=offset,
+    page = repo.unlinked_tracklets(camera_ids=filters["cameras"],
+                                   time_range=filters["time_range"], offset=offset,
                                    limit=UNLINKED_PAGE_SIZE)
     st.caption(f"{total} unlinked tracklets; showing {offset + 1}–{offset + len(page)}")
     names = {c.id: c.name for c in cameras}
