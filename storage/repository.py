@@ -137,6 +137,11 @@ class Repository:
         return self._readonly
 
     @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for storage's own maintenance (retention's raw SQLite work)."""
+        return self._engine
+
+    @property
     def descriptor_dtype(self) -> str:
         return self._descriptor_dtype
 

@@ -89,9 +89,9 @@ class RetentionReport:
 
 
 def _engine(repo: Repository) -> Engine:
-    # The repository has no public engine accessor and retention needs raw SQLite control
-    # (BEGIN IMMEDIATE per batch, PRAGMAs that pysqlite cannot step through SQLAlchemy).
-    engine: Engine = repo._engine
+    # Retention needs raw SQLite control (BEGIN IMMEDIATE per batch, PRAGMAs that pysqlite
+    # cannot step through SQLAlchemy).
+    engine = repo.engine
     if engine.dialect.name != "sqlite":
         raise StorageError(f"{repo.url}: retention is only implemented for SQLite")
     return engine
@@ -122,12 +122,11 @@ class _Writes:
         self.longest = 0.0
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")  # waits up to busy_timeout for another writer
+    def _timed(self) -> Iterator[None]:
+        """Count one write transaction and how long it held the lock; roll back on failure."""
         start = time.perf_counter()
         try:
-            yield self.conn
-            self.conn.execute("COMMIT")
+            yield
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
@@ -136,19 +135,18 @@ class _Writes:
             self.count += 1
             self.longest = max(self.longest, time.perf_counter() - start)
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")  # waits up to busy_timeout for another writer
+        with self._timed():
+            yield self.conn
+            self.conn.execute("COMMIT")
+
     def script(self, sql: str) -> None:
         """Run `sql` inside one write transaction with `executescript`, which steps every row
         (`execute` steps `PRAGMA incremental_vacuum(N)` once and so frees a single page)."""
-        start = time.perf_counter()
-        try:
+        with self._timed():
             self.conn.executescript(f"BEGIN IMMEDIATE; {sql}; COMMIT;")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        finally:
-            self.count += 1
-            self.longest = max(self.longest, time.perf_counter() - start)
 
 
 def _pragma(conn: sqlite3.Connection, name: str) -> int:
