@@ -643,13 +643,8 @@ class Repository:
                        LinkDecision.reason.not_like("confidently nobody known%")))
             .correlate(Tracklet).exists()
         )
-        conditions = [Tracklet.finished.is_(True),
-                      or_(Tracklet.identity_id.is_(None), alone_unsure)]
-        if camera_ids is not None:
-            conditions.append(Tracklet.camera_id.in_(list(camera_ids)))
-        if time_range is not None:
-            conditions += [_FIRST_SEEN <= time_range[1], _LAST_SEEN >= time_range[0]]
-        return conditions
+        return [*self._tracklet_filter(camera_ids, time_range, None, None, True),
+                or_(Tracklet.identity_id.is_(None), alone_unsure)]
 
     def unlinked_tracklets(self, *, camera_ids: Iterable[str] | None = None,
                            time_range: tuple[float, float] | None = None, offset: int = 0,
