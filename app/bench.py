@@ -14,8 +14,10 @@ runtime exports are not counted (both start their clocks at the first frame).
 
 `--runtime torch openvino` measures each detector runtime in turn in the same run and prints
 them side by side (people per frame included, to show a faster runtime finds as many people);
-`--precision auto int8` does the same for the detector's precision (both: every pair), and
-`--rounds 2` repeats the columns interleaved (A B A B) on a box whose load changes.
+`--precision auto int8` does the same for the detector's precision, `--imgsz 640 960` for the
+detector's input size and `--max-fps 5 10` for the cameras' sampling rate (several options: every
+combination), and `--rounds 2` repeats the columns interleaved (A B A B) on a box whose load
+changes.
 """
 from __future__ import annotations
 
@@ -161,35 +163,46 @@ def _measure(config: WatchConfig, max_frames: int | None, baseline: bool) -> _Me
     return measured
 
 
+def _with_max_fps(config: WatchConfig, max_fps: float | None) -> WatchConfig:
+    if max_fps is None:
+        return config
+    return replace(config, cameras=tuple(replace(c, max_fps=max_fps) for c in config.cameras))
+
+
 def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int | None = None,
-              baseline: bool = True, runtimes: list[str] | None = None, imgsz: int | None = None,
-              max_fps: float | None = None, threads: int | None = None,
-              reid_runtime: str | None = None, precisions: list[str] | None = None,
-              rounds: int = 1) -> str:
-    """The bench as a markdown report: one column per detector runtime x precision, measured
-    one after the other in this run (so they share the machine's load), the whole sequence
-    `rounds` times (A B A B ...: interleaved, for a box whose load changes); overrides apply to
-    every column."""
+              baseline: bool = True, runtimes: list[str] | None = None,
+              imgsz: list[int] | None = None, max_fps: list[float] | None = None,
+              threads: int | None = None, reid_runtime: str | None = None,
+              precisions: list[str] | None = None, rounds: int = 1) -> str:
+    """The bench as a markdown report: one column per detector runtime x precision x input size x
+    max_fps, measured one after the other in this run (so they share the machine's load), the
+    whole sequence `rounds` times (A B A B ...: interleaved, for a box whose load changes);
+    the other overrides apply to every column."""
     config = load_config(config_path)
-    detector = replace(config.detector, **{k: v for k, v in (("imgsz", imgsz), ("threads", threads))
-                                           if v is not None})
-    cameras = tuple(replace(c, max_fps=max_fps) if max_fps is not None else c for c in config.cameras)
+    detector = replace(config.detector, threads=threads) if threads is not None else config.detector
     reid = replace(config.reid, runtime=reid_runtime) if reid_runtime else config.reid
-    config = replace(config, detector=detector, cameras=cameras, reid=reid)
+    config = _with_max_fps(replace(config, detector=detector, reid=reid),
+                           max_fps[0] if max_fps and len(max_fps) == 1 else None)
     enabled = config.enabled_cameras
-    lines = [f"# app.bench: {config_path}, {len(enabled)} camera(s), imgsz {detector.imgsz}, "
-             f"{detector.tracker}, max_fps {[c.max_fps for c in enabled]}, stride "
-             f"{[c.stride for c in enabled]}, threads {detector.threads} per camera, precision "
-             f"{detector.precision}, encoder "
+    lines = [f"# app.bench: {config_path}, {len(enabled)} camera(s), imgsz "
+             f"{imgsz or detector.imgsz}, {detector.tracker}, max_fps "
+             f"{max_fps or [c.max_fps for c in enabled]}, threads {detector.threads} per camera, "
+             f"precision {precisions or detector.precision}, encoder "
              f"{config.reid.model} (runtime {config.reid.runtime}), max frames {max_frames}, "
              f"cpu count {os.cpu_count()}"]
-    columns = [(r, p) for r in (runtimes or [detector.runtime])
-               for p in (precisions or [detector.precision])]
+    columns = [(r, p, size, fps) for r in (runtimes or [detector.runtime])
+               for p in (precisions or [detector.precision])
+               for size in (imgsz or [detector.imgsz])
+               for fps in (max_fps if max_fps and len(max_fps) > 1 else [None])]
     results = []
     for round_ in range(rounds):
-        for r, p in columns:
-            measured = _measure(replace(config, detector=replace(detector, runtime=r, precision=p)),
-                                max_frames, baseline)
+        for r, p, size, fps in columns:
+            column = replace(config, detector=replace(detector, runtime=r, precision=p, imgsz=size))
+            measured = _measure(_with_max_fps(column, fps), max_frames, baseline)
+            if imgsz and len(imgsz) > 1:
+                measured.runtime += f" @{size}"
+            if fps is not None:
+                measured.runtime += f" {fps:g} fps"
             if rounds > 1:
                 measured.runtime += f" #{round_ + 1}"
             results.append(measured)
@@ -240,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="detector precision(s) to compare side by side (default: the config's)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the columns this many times, interleaved (A B A B)")
-    parser.add_argument("--imgsz", type=int, help="override detector.imgsz")
-    parser.add_argument("--max-fps", type=float, help="override every camera's max_fps")
+    parser.add_argument("--imgsz", type=int, nargs="+",
+                        help="detector input size(s) to compare side by side (default: the config's)")
+    parser.add_argument("--max-fps", type=float, nargs="+",
+                        help="every camera's max_fps; several: compared side by side")
     parser.add_argument("--threads", type=int, help="override detector.threads (per camera)")
     parser.add_argument("--reid-runtime", choices=RUNTIMES, help="override reid.runtime")
     args = parser.parse_args(argv)

@@ -71,7 +71,7 @@ class TrackletDataset(Dataset):
         query, gallery = [], []
         for record in self.train:
             if record.pid in held_out:
-                first, second = _halves(record)
+                first, second = temporal_halves(record)
                 query.append(dataclasses.replace(first, camid=UNKNOWN_CAMERA))
                 gallery.append(second)
         train = relabel([r for r in self.train if r.pid not in held_out])
@@ -79,7 +79,7 @@ class TrackletDataset(Dataset):
                        num_cameras=self.num_cameras)
 
 
-def _halves(record: TrackletRecord) -> tuple[TrackletRecord, TrackletRecord]:
+def temporal_halves(record: TrackletRecord) -> tuple[TrackletRecord, TrackletRecord]:
     """The first and second temporal halves of a tracklet, each with its slice of the keypoints."""
     middle = len(record.frames) // 2
     parts = []

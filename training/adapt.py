@@ -1,0 +1,574 @@
+"""Site adaptation: fine-tune the re-id encoder on a site's own tracklets, across its cameras.
+
+    python -m training.adapt --db sqlite:///keyreid.db --out runs/adapt-site \\
+        [--from runs/synthetic-tiny/best.pt] [--budget 10] [--rounds 3]
+
+Why not "every tracklet is its own identity" (`train --dataset tracklets`): the same person's
+tracklets in two cameras are then trained *apart*, exactly the pairs cross-camera re-id must
+bring together (measured: it made the demo's cross-camera mAP worse). Here the labels are
+cross-camera pseudo-identities, refined over rounds, as in unsupervised video re-id by tracklet
+association (Li et al., TAUDL/UTAL) and clustering-based pseudo-labels (cluster contrast):
+
+1. export the stored tracklets' crops once (`training.export_tracklets`, resumable) and hold
+   out a fraction of them (`--held-out`) for model selection only;
+2. each round: encode every training tracklet with the current model; **free negatives** are
+   tracklets of one camera (and run) that overlap in time: always two people; the similarity
+   threshold is the one at which only `--target-false-link` of those free negatives would pass;
+   **associations** are cross-camera pairs that are each other's nearest tracklet in the other's
+   camera and more similar than that threshold, merged greedily (most similar first) into
+   pseudo-identities, never joining two tracklets that are free negatives of each other;
+3. train for the round's share of `--budget` on the pseudo-identities that span two or more
+   cameras (unassociated tracklets are left out: training them as identities of their own is
+   the failure above), batch-hard triplets on the global and part features (the paper's
+   metric loss; no classifier, whose label set changes every round), P identities x K clips,
+   each clip from a random tracklet of its identity: a tracklet is also its own positive over
+   time;
+4. model selection (`results.json` "selection"): the candidates are the starting model and the
+   model after each round; the signal is **cross-camera matches on the held-out tracklets**:
+   the fraction of them whose nearest other-camera tracklet is a mutual nearest neighbour and
+   clears the free-negative threshold of that candidate. It can see cross-camera errors (a
+   model that does not bring one person's cameras together finds no confident cross-camera
+   match; one that merges everybody raises the free negatives and so the threshold), unlike a
+   tracklet's first half vs its second half in one camera, which it replaces. The starting
+   model stays the answer when no round beats it.
+
+Clips are encoded with camera unknown (camid -1), as the watcher encodes them. The out folder
+holds the export (`tracklets/`), one checkpoint per round (`round-N.pt`) and `state.json`
+(resume: a rerun continues after the last finished round), `adapted.pt` (the selected model,
+for `reid: {checkpoint: ...}` of `keyreid-watch` and the dashboard; it records what it was
+adapted on and the before/after figures) and `results.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from reid.checkpoints import file_digest, load_model, read_checkpoint, save_checkpoint
+from reid.losses import batch_hard_triplet
+from reid.model import KeyReID
+from reid.registry import build_model, list_models
+from storage.engine import display_url
+from storage.similarity import unit
+from training.evaluate import extract_descriptors, parse_key_values
+from training.export_tracklets import export_tracklets
+from training.provenance import git_commit
+from training.records import TrackletRecord
+from training.sampling import RandomIdentitySampler
+from training.tracklets import UNKNOWN_CAMERA, load_tracklets, read_manifest, temporal_halves
+from training.transforms import ClipDataset, collate_clips
+
+log = logging.getLogger(__name__)
+
+SELECTION_SIGNAL = ("cross-camera matches on held-out tracklets: the fraction whose nearest other-camera "
+                    "tracklet is a mutual nearest neighbour more similar than the free-negative threshold "
+                    "(same-camera tracklets overlapping in time) at the target false-link rate")
+MIN_IDENTITIES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+    db: str
+    out: str
+    source: str | None = None  # checkpoint to start from; None = `model` from scratch
+    model: str = "keyreid_vit_tiny"
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # scratch only
+    budget_minutes: float = 10.0
+    rounds: int = 3
+    held_out: float = 0.2
+    target_false_link: float = 0.01
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_p: int = 8
+    batch_k: int = 4
+    seed: int = 0
+    min_clips: int = 1
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.budget_minutes <= 0:
+            problems.append(f"budget must be > 0 minutes, got {self.budget_minutes}")
+        if self.rounds < 1:
+            problems.append(f"rounds must be >= 1, got {self.rounds}")
+        if not 0.0 < self.held_out < 0.5:
+            problems.append(f"held-out fraction must be in (0, 0.5), got {self.held_out}")
+        if not 0.0 < self.target_false_link < 0.5:
+            problems.append(f"target false-link rate must be in (0, 0.5), got {self.target_false_link}")
+        if self.batch_p < 2 or self.batch_k < 2:
+            problems.append(f"batches need P >= 2 identities x K >= 2 clips, got {self.batch_p} x {self.batch_k}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteTracklet:
+    """One exported tracklet: where and when it was seen (stream seconds of its watcher run)."""
+
+    tracklet_id: int
+    camera: str
+    run_id: int
+    first_time: float
+    last_time: float
+
+
+def site_tracklets(manifest: dict[int, dict]) -> list[SiteTracklet]:
+    """The manifest's tracklets in tracklet-id order (the order of `load_tracklets`' records)."""
+    return [SiteTracklet(tracklet_id, entry["camera"], int(entry["run_id"]), float(entry["first_time"]),
+                         float(entry["last_time"])) for tracklet_id, entry in sorted(manifest.items())]
+
+
+def free_negatives(tracklets: Sequence[SiteTracklet]) -> np.ndarray:
+    """`[N, N]` bool: tracklets of one camera and run that overlap in time, always two people."""
+    camera = np.array([f"{t.camera}\0{t.run_id}" for t in tracklets])
+    first = np.array([t.first_time for t in tracklets])
+    last = np.array([t.last_time for t in tracklets])
+    overlap = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    negatives = (camera[:, None] == camera[None, :]) & overlap
+    np.fill_diagonal(negatives, False)
+    return negatives
+
+
+@dataclasses.dataclass
+class Mining:
+    """One round's pseudo-identities: `labels[i]` for tracklet i (-1 = not associated)."""
+
+    labels: np.ndarray
+    threshold: float | None  # cosine similarity an association must exceed
+    free_negative_pairs: int
+    candidate_pairs: int  # mutual nearest cross-camera pairs above the threshold
+    merged_pairs: int
+    refused_pairs: int  # candidates that would have joined two free negatives
+    target_false_link: float = 0.0
+
+    @property
+    def identities(self) -> int:
+        return int(len(set(self.labels[self.labels >= 0].tolist())))
+
+    @property
+    def associated(self) -> int:
+        return int((self.labels >= 0).sum())
+
+    def summary(self) -> dict[str, Any]:
+        return {"target_false_link": self.target_false_link, "threshold": self.threshold, "free_negative_pairs": self.free_negative_pairs,
+                "candidate_pairs": self.candidate_pairs, "merged_pairs": self.merged_pairs,
+                "refused_pairs": self.refused_pairs, "identities": self.identities,
+                "associated_tracklets": self.associated}
+
+
+def negative_threshold(similarity: np.ndarray, negatives: np.ndarray, target_false_link: float) -> float | None:
+    """The similarity only `target_false_link` of the free negatives exceed (None: no negatives)."""
+    values = similarity[np.triu(negatives, 1)]
+    if values.size == 0:
+        return None
+    return float(np.quantile(values, 1.0 - target_false_link))
+
+
+def mutual_cross_camera_pairs(similarity: np.ndarray, cameras: np.ndarray, threshold: float,
+                              members: np.ndarray | None = None) -> list[tuple[float, int, int]]:
+    """(similarity, i, j) for tracklets i < j of different cameras that are each other's nearest
+    tracklet in the other's camera and more similar than `threshold`, most similar first.
+    `members`: restrict i to these indices (j ranges over everybody)."""
+    pairs = []
+    rows = range(len(cameras)) if members is None else members
+    for camera in np.unique(cameras):
+        in_camera = cameras == camera
+        if in_camera.all():
+            continue
+        # best[k, c]: index of tracklet k's nearest tracklet in camera c
+        block = np.where(in_camera[None, :], similarity, -np.inf)
+        nearest_in_camera = block.argmax(axis=1)
+        for i in rows:
+            if cameras[i] == camera:
+                continue
+            j = int(nearest_in_camera[i])
+            if similarity[i, j] <= threshold:
+                continue
+            others = np.where(cameras == cameras[i], similarity[j], -np.inf)
+            if int(others.argmax()) == i:
+                pairs.append((float(similarity[i, j]), min(int(i), j), max(int(i), j)))
+    return sorted(set(pairs), reverse=True)
+
+
+def mine_identities(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], negatives: np.ndarray,
+                    target_false_link: float) -> Mining:
+    """Cross-camera pseudo-identities (see the module docstring, step 2)."""
+    similarity = unit(descriptors) @ unit(descriptors).T
+    cameras = np.array([t.camera for t in tracklets])
+    threshold = negative_threshold(similarity, negatives, target_false_link)
+    count = int(np.triu(negatives, 1).sum())
+    labels = np.full(len(tracklets), -1, dtype=np.int64)
+    if threshold is None:
+        return Mining(labels, None, count, 0, 0, 0, target_false_link)
+    candidates = mutual_cross_camera_pairs(similarity, cameras, threshold)
+    group = list(range(len(tracklets)))  # union-find over tracklets
+    members = {i: {i} for i in range(len(tracklets))}
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    merged = refused = 0
+    for _, i, j in candidates:
+        a, b = find(i), find(j)
+        if a == b:
+            continue
+        if negatives[np.ix_(sorted(members[a]), sorted(members[b]))].any():
+            refused += 1
+            continue
+        group[b] = a
+        members[a] |= members.pop(b)
+        merged += 1
+    roots = sorted(root for root, m in members.items() if len(m) > 1)
+    for label, root in enumerate(roots):
+        labels[sorted(members[root])] = label
+    return Mining(labels, threshold, count, len(candidates), merged, refused, target_false_link)
+
+
+def held_out_matches(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], negatives: np.ndarray,
+                     held_out: np.ndarray, target_false_link: float) -> dict[str, Any]:
+    """The selection signal on held-out tracklets (see the module docstring, step 4)."""
+    similarity = unit(descriptors) @ unit(descriptors).T
+    cameras = np.array([t.camera for t in tracklets])
+    threshold = negative_threshold(similarity, negatives, target_false_link)
+    multi_camera = [int(i) for i in held_out if (cameras != cameras[i]).any()]
+    if threshold is None or not multi_camera:
+        return {"score": 0.0, "matched": 0, "held_out": len(multi_camera), "threshold": threshold}
+    pairs = mutual_cross_camera_pairs(similarity, cameras, threshold, members=np.array(multi_camera))
+    matched = {i for _, a, b in pairs for i in (a, b) if i in set(multi_camera)}
+    return {"score": len(matched) / len(multi_camera), "matched": len(matched), "held_out": len(multi_camera),
+            "threshold": threshold}
+
+
+def within_camera_auc(descriptors: np.ndarray, halves: tuple[np.ndarray, np.ndarray, np.ndarray],
+                      negatives: np.ndarray) -> float | None:
+    """P(a tracklet's two halves are more similar than two overlapping same-camera tracklets):
+    the linker's free-label separation (within a camera), for the record."""
+    first, second, owners = halves
+    if not len(owners):
+        return None
+    genuine = (unit(first) * unit(second)).sum(1)
+    similarity = unit(descriptors) @ unit(descriptors).T
+    impostor = similarity[np.triu(negatives, 1)]
+    if impostor.size == 0:
+        return None
+    greater = (genuine[:, None] > impostor[None, :]).mean()
+    ties = (genuine[:, None] == impostor[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+class _Clips:
+    """Training clips: one random T-frame clip of a random tracklet of a pseudo-identity."""
+
+    def __init__(self, records: list[TrackletRecord], model: KeyReID) -> None:
+        self.dataset = ClipDataset(records, mode="train", T=model.config.num_frames, size=model.config.img_size)
+
+    def loader(self, sampler: RandomIdentitySampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=0,
+                                           collate_fn=collate_clips)
+
+
+def metric_loss(model: KeyReID, out: Any, targets: torch.Tensor, global_weight: float = 0.75) -> torch.Tensor:
+    """Batch-hard triplets on the global feature and on each part feature (KeyReIDLoss' metric
+    terms, with its branch weighting)."""
+    losses = []
+    if out.global_feat is not None:
+        losses.append((global_weight, batch_hard_triplet(out.global_feat, targets)))
+    if out.part_feat is not None and model.num_parts:
+        parts = torch.stack([batch_hard_triplet(out.part_feat[:, k], targets) for k in range(model.num_parts)])
+        losses.append((1.0 - global_weight if losses else 1.0, parts.mean()))
+    if len(losses) == 1:
+        return losses[0][1]
+    return sum(weight * loss for weight, loss in losses)
+
+
+class SiteAdapter:
+    """The model, the site's tracklets and the rounds done so far; `run()` adapts to the end."""
+
+    def __init__(self, config: AdaptConfig) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.device = torch.device(config.device)
+        self.data_dir = self.out / "tracklets"
+        self.state_path = self.out / "state.json"
+
+    # ---- data ------------------------------------------------------------------------------
+    def export(self) -> None:
+        summary = export_tracklets(self.config.db, self.data_dir, min_clips=self.config.min_clips,
+                                   progress=self.config.progress)
+        for error in summary.errors:
+            log.error("export: %s", error)
+        log.info("export: %d new tracklets, %d already exported", summary.exported, summary.skipped_done)
+
+    def load(self) -> None:
+        dataset = load_tracklets(self.data_dir)
+        self.records = [dataclasses.replace(r, camid=UNKNOWN_CAMERA) for r in dataset.train]
+        self.tracklets = site_tracklets(read_manifest(self.data_dir))
+        if len(self.tracklets) != len(self.records):
+            raise RuntimeError(f"{self.data_dir}: manifest and frames disagree "
+                               f"({len(self.tracklets)} vs {len(self.records)} tracklets)")
+        cameras = sorted({t.camera for t in self.tracklets})
+        if len(cameras) < 2:
+            raise ValueError(f"{self.config.db}: tracklets of {len(cameras)} camera(s) {cameras}: site adaptation "
+                             "learns across cameras and needs at least two")
+        self.negatives = free_negatives(self.tracklets)
+        rng = np.random.default_rng(self.config.seed)
+        count = max(2, int(round(len(self.records) * self.config.held_out)))
+        self.held_out = np.sort(rng.choice(len(self.records), size=count, replace=False))
+        self.train_mask = np.ones(len(self.records), dtype=bool)
+        self.train_mask[self.held_out] = False
+        self.halves = self._halves()
+
+    def _halves(self, clip_frames: int = 4) -> list[tuple[TrackletRecord, TrackletRecord, int]]:
+        """(first half, second half, index) of every tracklet long enough for a clip in each."""
+        return [(*temporal_halves(record), index) for index, record in enumerate(self.records)
+                if len(record.frames) >= 2 * clip_frames]
+
+    def dataset_summary(self) -> dict[str, Any]:
+        per_camera: dict[str, int] = {}
+        for t in self.tracklets:
+            per_camera[t.camera] = per_camera.get(t.camera, 0) + 1
+        return {"db": display_url(self.config.db), "cameras": sorted(per_camera), "tracklets": len(self.tracklets),
+                "tracklets_per_camera": per_camera, "held_out": len(self.held_out),
+                "free_negative_pairs": int(np.triu(self.negatives, 1).sum()),
+                "runs": sorted({t.run_id for t in self.tracklets})}
+
+    # ---- model -----------------------------------------------------------------------------
+    def initial_model(self) -> tuple[KeyReID, str]:
+        if self.config.source is None:
+            model = build_model(self.config.model, seed=self.config.seed, **self.config.model_options)
+            return model, f"{self.config.model} {self.config.model_options or ''} (untrained, seed {self.config.seed})"
+        model, _ = load_model(self.config.source)
+        return model, f"{self.config.source} (sha256 {file_digest(self.config.source)})"
+
+    def encode(self, model: KeyReID, records: Sequence[TrackletRecord], desc: str) -> np.ndarray:
+        return extract_descriptors(model, records, self.device, batch_size=32, progress=self.config.progress,
+                                   desc=desc)
+
+    def evaluate(self, model: KeyReID, label: str) -> dict[str, Any]:
+        """Selection signal and within-camera separation of one candidate."""
+        descriptors = self.encode(model, self.records, f"{label}: encode")
+        figures = held_out_matches(descriptors, self.tracklets, self.negatives, self.held_out,
+                                   self.config.target_false_link)
+        if self.halves:
+            first = self.encode(model, [h[0] for h in self.halves], f"{label}: halves")
+            second = self.encode(model, [h[1] for h in self.halves], f"{label}: halves")
+            figures["within_camera_auc"] = within_camera_auc(
+                descriptors, (first, second, np.array([h[2] for h in self.halves])), self.negatives)
+        else:
+            figures["within_camera_auc"] = None
+        return figures
+
+    def mine(self, model: KeyReID, round_: int) -> Mining:
+        """Pseudo-identities among the training tracklets; the target false-link rate is doubled
+        (up to 10%) while fewer than P identities are found (a weak starting model)."""
+        train = np.flatnonzero(self.train_mask)
+        descriptors = self.encode(model, [self.records[i] for i in train], f"round {round_}: mine")
+        tracklets = [self.tracklets[i] for i in train]
+        negatives = self.negatives[np.ix_(train, train)]
+        target = self.config.target_false_link
+        while True:
+            mining = mine_identities(descriptors, tracklets, negatives, target)
+            if mining.identities >= self.config.batch_p or target >= 0.1:
+                break
+            target = min(0.1, 2 * target)
+            log.info("round %d: %d pseudo-identities; relaxing the mining target to %.0f%% false links",
+                     round_, mining.identities, 100 * target)
+        labels = np.full(len(self.records), -1, dtype=np.int64)
+        labels[train] = mining.labels
+        return dataclasses.replace(mining, labels=labels)
+
+    def train_round(self, model: KeyReID, mining: Mining, seconds: float, round_: int) -> dict[str, Any]:
+        chosen = np.flatnonzero(mining.labels >= 0)
+        records = [dataclasses.replace(self.records[i], pid=int(mining.labels[i])) for i in chosen]
+        sampler = RandomIdentitySampler(records, P=min(self.config.batch_p, mining.identities),
+                                        K=self.config.batch_k, seed=self.config.seed * 1000 + round_)
+        clips = _Clips(records, model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        model.train()
+        started = time.monotonic()
+        steps, losses, epoch = 0, [], 0
+        bar = tqdm(total=round(seconds), unit="s", desc=f"round {round_}/{self.config.rounds}",
+                   disable=not self.config.progress, dynamic_ncols=True, leave=False)
+        try:
+            while time.monotonic() - started < seconds:
+                sampler.set_epoch(epoch)
+                for batch in clips.loader(sampler):
+                    out = model(batch["frames"].to(self.device), batch["keypoints"].to(self.device),
+                                batch["camid"].to(self.device))
+                    loss = metric_loss(model, out, batch["pid"].to(self.device))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"round {round_}: non-finite loss after {steps} steps")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    losses.append(float(loss.detach()))
+                    elapsed = time.monotonic() - started
+                    bar.n = min(round(elapsed), bar.total)
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", steps=steps)
+                    if elapsed >= seconds:
+                        break
+                epoch += 1
+        finally:
+            bar.close()
+            model.eval()
+        return {"steps": steps, "epochs": epoch, "seconds": time.monotonic() - started,
+                "loss_first": float(np.mean(losses[:10])) if losses else None,
+                "loss_last": float(np.mean(losses[-10:])) if losses else None,
+                "train_tracklets": len(records), "train_identities": mining.identities}
+
+    # ---- the run ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            return {"config": dataclasses.asdict(self.config), "rounds": [], "initial": None}
+        state = json.loads(self.state_path.read_text())
+        saved = {k: v for k, v in state["config"].items() if k not in ("progress", "budget_minutes", "rounds")}
+        current = {k: v for k, v in dataclasses.asdict(self.config).items() if k in saved}
+        if saved != current:
+            changed = sorted(k for k in saved if saved[k] != current.get(k))
+            raise ValueError(f"{self.out} holds an adaptation with other settings ({', '.join(changed)}): "
+                             "choose another --out or the same settings to resume it")
+        return state
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2) + "\n")
+        temporary.replace(self.state_path)
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = self._state()
+        self.export()
+        self.load()
+        model, source = self.initial_model()
+        model = model.to(self.device).eval()
+        if state["initial"] is None:
+            state["initial"] = self.evaluate(model, "start")
+            self._save_state(state)
+        log.info("start (%s): held-out cross-camera matches %.1f%%, within-camera AUC %s", source,
+                 100 * state["initial"]["score"], state["initial"]["within_camera_auc"])
+        done = len(state["rounds"])
+        if done:
+            model, _ = load_model(self.out / f"round-{done}.pt")
+            model = model.to(self.device).eval()
+            log.info("resuming after round %d of %d", done, self.config.rounds)
+        per_round = 60.0 * self.config.budget_minutes / self.config.rounds
+        for round_ in range(done + 1, self.config.rounds + 1):
+            mining = self.mine(model, round_)
+            if mining.identities < MIN_IDENTITIES:
+                log.warning("round %d: only %d cross-camera pseudo-identities (threshold %s): nothing to "
+                            "learn from; stopping", round_, mining.identities, mining.threshold)
+                state["rounds"].append({"round": round_, "mining": mining.summary(), "stopped": True})
+                self._save_state(state)
+                break
+            log.info("round %d: %s", round_, mining.summary())
+            training = self.train_round(model, mining, per_round, round_)
+            figures = self.evaluate(model, f"round {round_}")
+            save_checkpoint(model, self.out / f"round-{round_}.pt", self._model_name(),
+                            adaptation={"round": round_})
+            state["rounds"].append({"round": round_, "mining": mining.summary(), "training": training,
+                                    "selection": figures})
+            self._save_state(state)
+            log.info("round %d: held-out cross-camera matches %.1f%% (start %.1f%%), within-camera AUC %s",
+                     round_, 100 * figures["score"], 100 * state["initial"]["score"], figures["within_camera_auc"])
+        return self.finish(state, source)
+
+    def _model_name(self) -> str:
+        if self.config.source is None:
+            return self.config.model
+        return str(read_checkpoint(self.config.source).get("model_name", self.config.model))
+
+    def finish(self, state: dict[str, Any], source: str) -> dict[str, Any]:
+        candidates = [("start", 0, state["initial"])] + [
+            (f"round {r['round']}", r["round"], r["selection"]) for r in state["rounds"] if "selection" in r]
+        label, chosen_round, figures = max(candidates, key=lambda c: (c[2]["score"], c[1] == 0))
+        if chosen_round == 0:
+            model, _ = self.initial_model()
+            log.warning("no round beat the starting model on held-out cross-camera matches: adapted.pt is the "
+                        "starting model")
+        else:
+            model, _ = load_model(self.out / f"round-{chosen_round}.pt")
+        adaptation = {
+            "adapted_on": self.dataset_summary(), "source": source, "rounds": len(state["rounds"]),
+            "selected": label, "selection_signal": SELECTION_SIGNAL,
+            "before": state["initial"], "after": figures,
+        }
+        path = save_checkpoint(model, self.out / "adapted.pt", self._model_name(), adaptation=adaptation,
+                               training={"dataset": "site-adaptation", "git": git_commit()})
+        results = {**adaptation, "checkpoint": str(path), "config": dataclasses.asdict(self.config),
+                   "per_round": state["rounds"], "git": git_commit()}
+        (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
+
+def adapt(config: AdaptConfig) -> dict[str, Any]:
+    """Adapt (or resume adapting) as `config` says; returns what results.json holds."""
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    return SiteAdapter(config).run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = AdaptConfig(db="", out="")
+    parser = argparse.ArgumentParser(prog="python -m training.adapt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", required=True, help="the watcher's database URL (opened read-only)")
+    parser.add_argument("--out", required=True, help="adaptation folder (a rerun resumes it)")
+    parser.add_argument("--from", dest="source", default=None, metavar="CHECKPOINT",
+                        help="start from this checkpoint (e.g. trained on MARS or synthetic data); default: scratch")
+    parser.add_argument("--model", default=defaults.model, choices=list_models(),
+                        help="the variant trained from scratch when --from is not given")
+    parser.add_argument("--model-opt", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="its reid.config.ModelConfig overrides, e.g. depth=4 img_size=[128,64]")
+    parser.add_argument("--budget", type=float, default=defaults.budget_minutes, dest="budget_minutes",
+                        metavar="MINUTES", help="training time over all rounds (encoding not counted)")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--held-out", type=float, default=defaults.held_out,
+                        help="fraction of tracklets kept out of training, for model selection")
+    parser.add_argument("--target-false-link", type=float, default=defaults.target_false_link)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch-p", type=int, default=defaults.batch_p)
+    parser.add_argument("--batch-k", type=int, default=defaults.batch_k)
+    parser.add_argument("--min-clips", type=int, default=defaults.min_clips,
+                        help="export only tracklets with at least this many stored clips")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("no_progress", "model_opt")}
+    options["model_options"] = parse_key_values(args.model_opt)
+    try:
+        config = AdaptConfig(**options, progress=not args.no_progress)
+        results = adapt(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    before, after = results["before"], results["after"]
+    print(f"adapted checkpoint: {results['checkpoint']} (selected: {results['selected']})\n"
+          f"held-out cross-camera matches: {100 * before['score']:.1f}% -> {100 * after['score']:.1f}%; "
+          f"within-camera AUC: {before['within_camera_auc']} -> {after['within_camera_auc']}\n"
+          f"use it: reid: {{checkpoint: {results['checkpoint']}}} in cams.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
