@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import file_digest, load_model
+from .normalisation import PAYLOAD_KEY, CameraNormalisation
 from .registry import build_model
 
 if TYPE_CHECKING:
@@ -82,6 +84,9 @@ class Encoder:
     on the CPU, with `threads` threads (None: the runtime's default, every core); fp32 (or bf16
     with OpenVINO) and descriptors within 1e-4 relative of torch. If the export fails the
     encoder runs torch and says why (`runtime_reason`).
+    A site-adapted checkpoint (`training.adapt`) also carries per-camera descriptor statistics
+    (`reid.normalisation`): `encode(..., cameras=[...])` then standardises each clip's
+    descriptor by its camera's statistics (`camera_normalisation`, None otherwise).
     """
 
     def __init__(
@@ -98,8 +103,11 @@ class Encoder:
     ) -> None:
         self.device = _resolve_device(device)
         self.runtime, self.runtime_reason = resolve_runtime(runtime, self.device, precision)
+        self.camera_normalisation: CameraNormalisation | None = None
         if checkpoint is not None:
             network, payload = load_model(checkpoint)
+            if payload.get(PAYLOAD_KEY) is not None:
+                self.camera_normalisation = CameraNormalisation.from_payload(payload[PAYLOAD_KEY])
             self.model_name = payload.get("model_name", "custom")
             self.model_id = f"{self.model_name}@{file_digest(checkpoint)}"
             self.trained = True
@@ -219,9 +227,12 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
-    def encode(self, frames: np.ndarray, keypoints: np.ndarray | None, camera_ids: np.ndarray | list[int] | None = None) -> np.ndarray:
+    def encode(self, frames: np.ndarray, keypoints: np.ndarray | None, camera_ids: np.ndarray | list[int] | None = None,
+               cameras: Sequence[str | None] | None = None) -> np.ndarray:
         """Descriptors float32 `[N, dim]` for N clips. Camera ids index the model's camera
-        embedding; -1 (the default) means a camera the model was not trained on."""
+        embedding; -1 (the default) means a camera the model was not trained on. `cameras`: the
+        site's camera id of each clip, for a checkpoint with camera statistics (None, or an id
+        the statistics do not know: pooled statistics)."""
         images, points = self.preprocess(frames, keypoints)
         count = images.shape[0]
         if camera_ids is None:
@@ -230,4 +241,7 @@ class Encoder:
             cams = torch.as_tensor(np.asarray(camera_ids), dtype=torch.long).view(-1)
             if cams.shape[0] != count:
                 raise ValueError(f"{cams.shape[0]} camera ids for {count} clips")
-        return self.encode_tensors(images, points, cams)
+        descriptors = self.encode_tensors(images, points, cams)
+        if self.camera_normalisation is not None:
+            descriptors = self.camera_normalisation.apply(descriptors, cameras)
+        return descriptors

@@ -11,6 +11,7 @@ import pytest
 from reid.checkpoints import read_checkpoint
 from reid.encoder import Encoder
 from storage import NewClip, open_repository
+from storage.similarity import unit
 from tracking.synthetic import moving_rectangles, write_video
 from training import adapt as adapt_cli
 from training.adapt import (AdaptConfig, SiteTracklet, adapt, free_negatives, held_out_matches,
@@ -52,7 +53,7 @@ def test_a_chain_of_confident_matches_never_joins_two_people_seen_together():
     descriptors = np.stack([base[0] + 0.05 * base[4], base[1], base[0] + 0.04 * base[1] + 0.01 * base[5],
                             base[1] + 0.05 * base[0], base[4], base[5]])
     descriptors[2] = descriptors[0] + 0.3 * descriptors[3]
-    mining = mine_identities(descriptors, tracklets, free_negatives(tracklets), target_false_link=0.4)
+    mining = mine_identities(unit(descriptors), tracklets, free_negatives(tracklets), target_false_link=0.4)
     assert mining.refused_pairs >= 1
     assert mining.labels[0] < 0 or mining.labels[0] != mining.labels[1]
 
@@ -75,7 +76,7 @@ def test_pseudo_labels_never_put_overlapping_same_camera_tracklets_in_one_identi
                 descriptors.append(looks[person] + rng.normal(scale=0.9, size=16))
                 truth.append(person)
     negatives = free_negatives(tracklets)
-    mining = mine_identities(np.array(descriptors), tracklets, negatives, target_false_link=0.2)
+    mining = mine_identities(unit(np.array(descriptors)), tracklets, negatives, target_false_link=0.2)
     assert mining.identities > 3 and mining.free_negative_pairs > 0
     for label in set(mining.labels[mining.labels >= 0].tolist()):
         members = np.flatnonzero(mining.labels == label)
@@ -91,7 +92,7 @@ def test_held_out_matches_count_mutual_cross_camera_matches_above_the_threshold(
     tracklets = [_tracklet(0, "a", 0, 10), _tracklet(1, "a", 0, 10), _tracklet(2, "b", 20, 30),
                  _tracklet(3, "b", 20, 30)]
     descriptors = np.array([[1, 0, 0], [0, 1, 0], [1, 0.1, 0], [0, 0, 1.0]])
-    figures = held_out_matches(descriptors, tracklets, free_negatives(tracklets), np.array([0, 1]), 0.1)
+    figures = held_out_matches(unit(descriptors), tracklets, free_negatives(tracklets), np.array([0, 1]), 0.1)
     assert figures["held_out"] == 2 and figures["matched"] == 1 and figures["score"] == 0.5
 
 
@@ -105,17 +106,17 @@ TINY = {"depth": 1, "img_size": [64, 32], "drop_path": 0.0}
 
 @pytest.fixture(scope="module")
 def site_db(tmp_path_factory):
-    """Two cameras watching one street (the full frame and a shifted copy: the second camera
-    sees everybody 0.2 s later), four people seen together in each: 8 tracklets, 6 free
-    negative pairs per camera, one person per pair of cameras."""
+    """Two cameras, the second one dimmer, see the same four people together, the second one
+    20 s later: 8 tracklets, 6 free negative pairs per camera."""
     folder = tmp_path_factory.mktemp("site")
     frames = [moving_rectangles(i, WIDTH, HEIGHT, MOVERS) for i in range(NUM_FRAMES)]
-    video = write_video(folder / "street.mp4", frames)
+    videos = {"door": write_video(folder / "door.mp4", frames),
+              "hall": write_video(folder / "hall.mp4", [(f * 0.6).astype(np.uint8) for f in frames])}
     url = f"sqlite:///{folder / 'site.db'}"
     with open_repository(url) as repo:
         run = repo.start_run({"clips": {"crop_margin": 0.1, "size": [256, 128]}})
         for camera, delay in (("door", 0.0), ("hall", 20.0)):
-            repo.upsert_camera(camera, source=str(video))
+            repo.upsert_camera(camera, source=str(videos[camera]))
             for track, (_, x, y, w, h, dx, _) in enumerate(MOVERS):
                 tracklet = repo.add_tracklet(run, camera, track, 0, delay, last_frame=22, last_time=delay + 2.2,
                                              finished=True)
@@ -156,9 +157,17 @@ def test_adapt_from_a_checkpoint_writes_an_adapted_model_that_the_encoder_loads(
     assert payload["adaptation"]["before"]["score"] == results["before"]["score"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["selected"] == results["selected"]
+    # The encoder standardises each clip by its camera's statistics (pooled for unknown ones).
     encoder = Encoder(checkpoint=out / "adapted.pt", device="cpu")
-    clip = np.zeros((1, 4, 64, 32, 3), np.uint8)
-    assert encoder.encode(clip, None).shape == (1, encoder.dim)
+    assert encoder.camera_normalisation is not None
+    assert set(encoder.camera_normalisation.cameras) == {"door", "hall"}
+    clip = np.random.default_rng(0).integers(0, 255, (1, 4, 64, 32, 3), dtype=np.uint8)
+    door, hall = encoder.encode(clip, None, cameras=["door"]), encoder.encode(clip, None, cameras=["hall"])
+    pooled = encoder.encode(clip, None)
+    assert door.shape == (1, encoder.dim) and not np.allclose(door, hall)
+    assert np.allclose(encoder.encode(clip, None, cameras=["new camera"]), pooled)
+    raw = Encoder(checkpoint=source_checkpoint, device="cpu")
+    assert raw.camera_normalisation is None
 
     # A rerun with more rounds resumes after round 1; other settings are refused.
     more = adapt(AdaptConfig(**{**config.__dict__, "rounds": 2}))

@@ -57,10 +57,13 @@ from tqdm import tqdm
 from reid.checkpoints import file_digest, load_model, read_checkpoint, save_checkpoint
 from reid.losses import batch_hard_triplet
 from reid.model import KeyReID
+from reid.normalisation import PAYLOAD_KEY as NORMALISATION_KEY
+from reid.normalisation import CameraNormalisation
 from reid.registry import build_model, list_models
 from storage.engine import display_url
 from storage.similarity import unit
-from training.evaluate import extract_descriptors, parse_key_values
+from training.evaluate import extract_clip_descriptors, parse_key_values
+from training.metrics import mean_per_tracklet
 from training.export_tracklets import export_tracklets
 from training.provenance import git_commit
 from training.records import TrackletRecord
@@ -203,9 +206,10 @@ def mutual_cross_camera_pairs(similarity: np.ndarray, cameras: np.ndarray, thres
 
 def mine_identities(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], negatives: np.ndarray,
                     target_false_link: float) -> Mining:
-    """Cross-camera pseudo-identities (see the module docstring, step 2)."""
-    similarity = unit(descriptors) @ unit(descriptors).T
+    """Cross-camera pseudo-identities (see the module docstring, step 2) from unit tracklet
+    descriptors `[N, D]`."""
     cameras = np.array([t.camera for t in tracklets])
+    similarity = descriptors @ descriptors.T
     threshold = negative_threshold(similarity, negatives, target_false_link)
     count = int(np.triu(negatives, 1).sum())
     labels = np.full(len(tracklets), -1, dtype=np.int64)
@@ -240,9 +244,10 @@ def mine_identities(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], 
 
 def held_out_matches(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], negatives: np.ndarray,
                      held_out: np.ndarray, target_false_link: float) -> dict[str, Any]:
-    """The selection signal on held-out tracklets (see the module docstring, step 4)."""
-    similarity = unit(descriptors) @ unit(descriptors).T
+    """The selection signal on held-out tracklets (see the module docstring, step 4), from unit
+    tracklet descriptors `[N, D]`."""
     cameras = np.array([t.camera for t in tracklets])
+    similarity = descriptors @ descriptors.T
     threshold = negative_threshold(similarity, negatives, target_false_link)
     multi_camera = [int(i) for i in held_out if (cameras != cameras[i]).any()]
     if threshold is None or not multi_camera:
@@ -253,21 +258,36 @@ def held_out_matches(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet],
             "threshold": threshold}
 
 
-def within_camera_auc(descriptors: np.ndarray, halves: tuple[np.ndarray, np.ndarray, np.ndarray],
+def within_camera_auc(descriptors: np.ndarray, first: np.ndarray, second: np.ndarray,
                       negatives: np.ndarray) -> float | None:
-    """P(a tracklet's two halves are more similar than two overlapping same-camera tracklets):
-    the linker's free-label separation (within a camera), for the record."""
-    first, second, owners = halves
-    if not len(owners):
+    """P(a tracklet's two halves are more similar than two overlapping same-camera tracklets),
+    from unit descriptors: the linker's free-label separation (within a camera), for the record."""
+    if not len(first):
         return None
-    genuine = (unit(first) * unit(second)).sum(1)
-    similarity = unit(descriptors) @ unit(descriptors).T
+    genuine = (first * second).sum(1)
+    similarity = descriptors @ descriptors.T
     impostor = similarity[np.triu(negatives, 1)]
     if impostor.size == 0:
         return None
     greater = (genuine[:, None] > impostor[None, :]).mean()
     ties = (genuine[:, None] == impostor[None, :]).mean()
     return float(greater + 0.5 * ties)
+
+
+@dataclasses.dataclass
+class Described:
+    """One model's view of the site: unit tracklet descriptors `[N, D]` (camera-normalised), the
+    camera statistics, and unit descriptors of the tracklets' two halves (or None)."""
+
+    descriptors: np.ndarray
+    normalisation: CameraNormalisation
+    halves: list[np.ndarray] | None
+
+
+def _tracklet_descriptors(clips: np.ndarray, owners: np.ndarray, count: int) -> np.ndarray:
+    """Unit tracklet descriptors: the normalised mean of each tracklet's unit clip descriptors
+    (`storage.similarity.tracklet_descriptor`, for all tracklets at once)."""
+    return unit(mean_per_tracklet(unit(clips), owners, count).astype(np.float32))
 
 
 class _Clips:
@@ -354,29 +374,40 @@ class SiteAdapter:
         model, _ = load_model(self.config.source)
         return model, f"{self.config.source} (sha256 {file_digest(self.config.source)})"
 
-    def encode(self, model: KeyReID, records: Sequence[TrackletRecord], desc: str) -> np.ndarray:
-        return extract_descriptors(model, records, self.device, batch_size=32, progress=self.config.progress,
-                                   desc=desc)
-
-    def evaluate(self, model: KeyReID, label: str) -> dict[str, Any]:
-        """Selection signal and within-camera separation of one candidate."""
-        descriptors = self.encode(model, self.records, f"{label}: encode")
-        figures = held_out_matches(descriptors, self.tracklets, self.negatives, self.held_out,
-                                   self.config.target_false_link)
+    def describe(self, model: KeyReID, label: str) -> Described:
+        """Encode every tracklet as the watcher and storage would: clip descriptors, standardised
+        per camera by statistics fitted on all of them, unit tracklet descriptors."""
+        features, owners = extract_clip_descriptors(model, self.records, self.device, batch_size=32,
+                                                    progress=self.config.progress, desc=f"{label}: encode")
+        cameras = np.array([t.camera for t in self.tracklets])
+        normalisation = CameraNormalisation.fit(features, cameras[owners])
+        descriptors = _tracklet_descriptors(normalisation.apply(features, cameras[owners]), owners,
+                                            len(self.records))
+        halves = None
         if self.halves:
-            first = self.encode(model, [h[0] for h in self.halves], f"{label}: halves")
-            second = self.encode(model, [h[1] for h in self.halves], f"{label}: halves")
-            figures["within_camera_auc"] = within_camera_auc(
-                descriptors, (first, second, np.array([h[2] for h in self.halves])), self.negatives)
-        else:
-            figures["within_camera_auc"] = None
+            halves = []
+            for part in (0, 1):
+                records = [h[part] for h in self.halves]
+                clips, parts = extract_clip_descriptors(model, records, self.device, batch_size=32,
+                                                        progress=self.config.progress, desc=f"{label}: halves")
+                part_cameras = np.array([self.tracklets[h[2]].camera for h in self.halves])[parts]
+                halves.append(_tracklet_descriptors(normalisation.apply(clips, part_cameras), parts, len(records)))
+        return Described(descriptors, normalisation, halves)
+
+    def figures(self, described: Described) -> dict[str, Any]:
+        """Selection signal and within-camera separation of one candidate."""
+        figures = held_out_matches(described.descriptors, self.tracklets, self.negatives, self.held_out,
+                                   self.config.target_false_link)
+        figures["within_camera_auc"] = None if described.halves is None else within_camera_auc(
+            described.descriptors[[h[2] for h in self.halves]], *described.halves,
+            self.negatives[np.ix_([h[2] for h in self.halves], [h[2] for h in self.halves])])
         return figures
 
-    def mine(self, model: KeyReID, round_: int) -> Mining:
+    def mine(self, described: Described, round_: int) -> Mining:
         """Pseudo-identities among the training tracklets; the target false-link rate is doubled
         (up to 10%) while fewer than P identities are found (a weak starting model)."""
         train = np.flatnonzero(self.train_mask)
-        descriptors = self.encode(model, [self.records[i] for i in train], f"round {round_}: mine")
+        descriptors = described.descriptors[train]
         tracklets = [self.tracklets[i] for i in train]
         negatives = self.negatives[np.ix_(train, train)]
         target = self.config.target_false_link
@@ -456,19 +487,23 @@ class SiteAdapter:
         self.load()
         model, source = self.initial_model()
         model = model.to(self.device).eval()
+        described = self.describe(model, "start")
         if state["initial"] is None:
-            state["initial"] = self.evaluate(model, "start")
+            state["initial"] = self.figures(described)
             self._save_state(state)
         log.info("start (%s): held-out cross-camera matches %.1f%%, within-camera AUC %s", source,
                  100 * state["initial"]["score"], state["initial"]["within_camera_auc"])
         done = len(state["rounds"])
-        if done:
+        if done and "selection" in state["rounds"][-1]:
             model, _ = load_model(self.out / f"round-{done}.pt")
             model = model.to(self.device).eval()
+            described = self.describe(model, f"round {done}")
             log.info("resuming after round %d of %d", done, self.config.rounds)
         per_round = 60.0 * self.config.budget_minutes / self.config.rounds
         for round_ in range(done + 1, self.config.rounds + 1):
-            mining = self.mine(model, round_)
+            if state["rounds"] and state["rounds"][-1].get("stopped"):
+                break
+            mining = self.mine(described, round_)
             if mining.identities < MIN_IDENTITIES:
                 log.warning("round %d: only %d cross-camera pseudo-identities (threshold %s): nothing to "
                             "learn from; stopping", round_, mining.identities, mining.threshold)
@@ -476,8 +511,10 @@ class SiteAdapter:
                 self._save_state(state)
                 break
             log.info("round %d: %s", round_, mining.summary())
+            self._write_labels(mining, round_)
             training = self.train_round(model, mining, per_round, round_)
-            figures = self.evaluate(model, f"round {round_}")
+            described = self.describe(model, f"round {round_}")
+            figures = self.figures(described)
             save_checkpoint(model, self.out / f"round-{round_}.pt", self._model_name(),
                             adaptation={"round": round_})
             state["rounds"].append({"round": round_, "mining": mining.summary(), "training": training,
@@ -486,6 +523,14 @@ class SiteAdapter:
             log.info("round %d: held-out cross-camera matches %.1f%% (start %.1f%%), within-camera AUC %s",
                      round_, 100 * figures["score"], 100 * state["initial"]["score"], figures["within_camera_auc"])
         return self.finish(state, source)
+
+    def _write_labels(self, mining: Mining, round_: int) -> None:
+        """`round-N-identities.json`: the round's pseudo-identities as lists of tracklet ids."""
+        identities: dict[int, list[int]] = {}
+        for index in np.flatnonzero(mining.labels >= 0):
+            identities.setdefault(int(mining.labels[index]), []).append(self.tracklets[index].tracklet_id)
+        (self.out / f"round-{round_}-identities.json").write_text(
+            json.dumps(sorted(identities.values()), indent=1) + "\n")
 
     def _model_name(self) -> str:
         if self.config.source is None:
@@ -499,16 +544,19 @@ class SiteAdapter:
         if chosen_round == 0:
             model, _ = self.initial_model()
             log.warning("no round beat the starting model on held-out cross-camera matches: adapted.pt is the "
-                        "starting model")
+                        "starting model's weights with this site's camera statistics")
         else:
             model, _ = load_model(self.out / f"round-{chosen_round}.pt")
+        model = model.to(self.device).eval()
+        normalisation = self.describe(model, label).normalisation
         adaptation = {
             "adapted_on": self.dataset_summary(), "source": source, "rounds": len(state["rounds"]),
             "selected": label, "selection_signal": SELECTION_SIGNAL,
             "before": state["initial"], "after": figures,
         }
         path = save_checkpoint(model, self.out / "adapted.pt", self._model_name(), adaptation=adaptation,
-                               training={"dataset": "site-adaptation", "git": git_commit()})
+                               training={"dataset": "site-adaptation", "git": git_commit()},
+                               **{NORMALISATION_KEY: normalisation.to_payload()})
         results = {**adaptation, "checkpoint": str(path), "config": dataclasses.asdict(self.config),
                    "per_round": state["rounds"], "git": git_commit()}
         (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -148,12 +148,12 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 
 @torch.inference_mode()
-def extract_descriptors(model: KeyReID, records: Sequence[TrackletRecord], device: torch.device,
-                        batch_size: int = 64, workers: int = 0, amp_dtype: torch.dtype | None = None,
-                        progress: bool = True, desc: str = "features",
-                        frames: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
-    """One float32 descriptor per tracklet `[len(records), dim]`: the mean over all its
-    consecutive T-frame clips (`frames` reads a frame, see ClipDataset)."""
+def extract_clip_descriptors(model: KeyReID, records: Sequence[TrackletRecord], device: torch.device,
+                             batch_size: int = 64, workers: int = 0, amp_dtype: torch.dtype | None = None,
+                             progress: bool = True, desc: str = "features",
+                             frames: Callable[[str], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 descriptors `[C, dim]` of all consecutive T-frame clips of the records and the
+    index of each clip's record `[C]` (`frames` reads a frame, see ClipDataset)."""
     config = model.config
     clips = ClipDataset(records, mode="test", T=config.num_frames, size=config.img_size, frames=frames)
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -174,7 +174,20 @@ def extract_descriptors(model: KeyReID, records: Sequence[TrackletRecord], devic
             owners.append(batch["tracklet"].numpy())
     finally:
         model.train(was_training)
-    return mean_per_tracklet(np.concatenate(features), np.concatenate(owners), len(records))
+    if not features:
+        return np.zeros((0, model.descriptor_dim), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(features), np.concatenate(owners)
+
+
+def extract_descriptors(model: KeyReID, records: Sequence[TrackletRecord], device: torch.device,
+                        batch_size: int = 64, workers: int = 0, amp_dtype: torch.dtype | None = None,
+                        progress: bool = True, desc: str = "features",
+                        frames: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
+    """One float32 descriptor per tracklet `[len(records), dim]`: the mean over all its
+    consecutive T-frame clips (`frames` reads a frame, see ClipDataset)."""
+    features, owners = extract_clip_descriptors(model, records, device, batch_size, workers, amp_dtype,
+                                                progress, desc, frames)
+    return mean_per_tracklet(features, owners, len(records))
 
 
 def euclidean_distances(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:

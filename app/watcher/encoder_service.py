@@ -33,6 +33,7 @@ class PendingClip:
     keypoints: np.ndarray  # float32 [T, 17, 3]
     tag: object
     arrived: float
+    camera: str | None = None  # the site's camera id (a site-adapted encoder normalises per camera)
 
 
 class EncoderService:
@@ -71,8 +72,8 @@ class EncoderService:
     def backlog(self) -> int:
         return len(self.queue)
 
-    def submit(self, crops: np.ndarray, keypoints: np.ndarray, tag: object) -> None:
-        self.queue.append(PendingClip(crops, keypoints, tag, time.monotonic()))
+    def submit(self, crops: np.ndarray, keypoints: np.ndarray, tag: object, camera: str | None = None) -> None:
+        self.queue.append(PendingClip(crops, keypoints, tag, time.monotonic(), camera))
 
     def due(self, now: float | None = None) -> bool:
         """A batch is full, or the oldest clip has waited `max_wait`."""
@@ -110,7 +111,8 @@ class EncoderService:
         self._faults.before_batch(len(batch))
         descriptors = self.encoder.encode(np.stack([c.crops for c in batch]),
                                           np.stack([c.keypoints for c in batch]),
-                                          np.full(len(batch), -1, dtype=np.int64))
+                                          np.full(len(batch), -1, dtype=np.int64),
+                                          cameras=[c.camera for c in batch])
         return self._faults.after_batch(descriptors)
 
 

@@ -387,7 +387,7 @@ class Watcher:
                                 clip.track_id)
                     continue
                 tracklet.pending += 1
-                self.encoder.submit(clip.crops, clip.keypoints, (tracklet, clip))
+                self.encoder.submit(clip.crops, clip.keypoints, (tracklet, clip), clip.camera_id)
         elif isinstance(message, Status):
             camera.status = message
             camera.max_track = max(camera.max_track, message.last_track_number)
