@@ -21,12 +21,16 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ep
     return F.cross_entropy(logits, targets, label_smoothing=epsilon)
 
 
-def batch_hard_triplet(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Soft-margin triplet on the hardest positive and hardest negative of each anchor (Euclidean)."""
+def batch_hard_triplet(features: torch.Tensor, targets: torch.Tensor,
+                       allowed_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft-margin triplet on the hardest positive and hardest negative of each anchor (Euclidean).
+    `allowed_negatives` `[B, B]` bool: the pairs that may serve as negatives (default: every pair
+    of different targets; pseudo-labels use it to skip pairs not known to be two people)."""
     distances = torch.cdist(features, features).clamp(min=1e-12)
     same = targets[:, None] == targets[None, :]
+    negative = ~same if allowed_negatives is None else ~same & allowed_negatives
     hardest_positive = distances.masked_fill(~same, float("-inf")).amax(dim=1)
-    hardest_negative = distances.masked_fill(same, float("inf")).amin(dim=1)
+    hardest_negative = distances.masked_fill(~negative, float("inf")).amin(dim=1)
     valid = torch.isfinite(hardest_negative)
     if not valid.any():
         return features.sum() * 0.0
