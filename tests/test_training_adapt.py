@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from reid.checkpoints import read_checkpoint
+from app.watcher.config import ReidConfig
+from app.watcher.encoder_service import EncoderService
 from reid.encoder import Encoder
 from storage import NewClip, open_repository
 from storage.similarity import unit
@@ -168,6 +170,14 @@ def test_adapt_from_a_checkpoint_writes_an_adapted_model_that_the_encoder_loads(
     assert np.allclose(encoder.encode(clip, None, cameras=["new camera"]), pooled)
     raw = Encoder(checkpoint=source_checkpoint, device="cpu")
     assert raw.camera_normalisation is None
+
+    # The watcher's encoder service hands each clip's camera to it.
+    service = EncoderService(ReidConfig(checkpoint=str(out / "adapted.pt"), device="cpu", runtime="torch"))
+    keypoints = np.zeros((4, 17, 3), np.float32)
+    service.submit(clip[0], keypoints, "a", camera="door")
+    service.submit(clip[0], keypoints, "b", camera="hall")
+    encoded = dict(service.encode_batch())
+    assert np.allclose(encoded["a"], door[0], atol=1e-5) and np.allclose(encoded["b"], hall[0], atol=1e-5)
 
     # A rerun with more rounds resumes after round 1; other settings are refused.
     more = adapt(AdaptConfig(**{**config.__dict__, "rounds": 2}))

@@ -11,7 +11,9 @@ association (Li et al., TAUDL/UTAL) and clustering-based pseudo-labels (cluster 
 
 1. export the stored tracklets' crops once (`training.export_tracklets`, resumable) and hold
    out a fraction of them (`--held-out`) for model selection only;
-2. each round: encode every training tracklet with the current model; **free negatives** are
+2. each round: encode every tracklet with the current model as the watcher will (clip
+   descriptors standardised per camera, `reid.normalisation`, with statistics fitted on this
+   site's clips; unit tracklet descriptors as `storage` builds them); **free negatives** are
    tracklets of one camera (and run) that overlap in time: always two people; the similarity
    threshold is the one at which only `--target-false-link` of those free negatives would pass;
    **associations** are cross-camera pairs that are each other's nearest tracklet in the other's
@@ -35,10 +37,12 @@ association (Li et al., TAUDL/UTAL) and clustering-based pseudo-labels (cluster 
    model stays the answer when no round beats it.
 
 Clips are encoded with camera unknown (camid -1), as the watcher encodes them. The out folder
-holds the export (`tracklets/`), one checkpoint per round (`round-N.pt`) and `state.json`
-(resume: a rerun continues after the last finished round), `adapted.pt` (the selected model,
-for `reid: {checkpoint: ...}` of `keyreid-watch` and the dashboard; it records what it was
-adapted on and the before/after figures) and `results.json`.
+holds the export (`tracklets/`), per round a checkpoint (`round-N.pt`) and its pseudo-identities
+(`round-N-identities.json`, lists of tracklet ids), `state.json` (resume: a rerun continues after
+the last finished round), `adapted.pt` and `results.json`. `adapted.pt` is the selected model
+with the per-camera statistics of this site fitted with it (for `reid: {checkpoint: ...}` of
+`keyreid-watch` and the dashboard; a camera added later gets pooled statistics until the next
+adaptation); it records what it was adapted on and the before/after figures.
 """
 from __future__ import annotations
 

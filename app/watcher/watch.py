@@ -198,6 +198,20 @@ class Watcher:
         self._stop_requested = False
         self._force = False
 
+    def _report_camera_statistics(self) -> None:
+        """A site-adapted encoder standardises each camera's descriptors by its own statistics;
+        a camera it was not adapted on gets the pooled ones: say which (adapt again to add it)."""
+        normalisation = self.encoder.encoder.camera_normalisation
+        if normalisation is None:
+            return
+        known = sorted(set(self.cameras) & set(normalisation.cameras))
+        unknown = sorted(set(self.cameras) - set(normalisation.cameras))
+        LOG.info("encoder: site-adapted; per-camera statistics for %s", ", ".join(known) or "no camera")
+        if unknown:
+            LOG.warning("encoder: camera(s) %s not in the adapted checkpoint's statistics (it knows %s): "
+                        "pooled statistics; run `python -m training.adapt` again to include them",
+                        ", ".join(unknown), ", ".join(sorted(normalisation.cameras)))
+
     def request_stop(self) -> None:
         """Drain and stop (a second request stops without waiting for workers)."""
         if self._stop_requested:
@@ -248,6 +262,7 @@ class Watcher:
 
         from .encoder_service import EncoderService
         self.encoder = EncoderService(config.reid)
+        self._report_camera_statistics()
         self.tracklets: dict[tuple[str, int], _Tracklet] = {}
         linking = config.linking
         linker_config = LinkerConfig(target_false_link=linking.target_false_link,
