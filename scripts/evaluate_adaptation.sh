@@ -47,8 +47,8 @@ timed() {  # timed NAME CMD...: run, log to $OUT/logs/NAME.log, record wall seco
   echo "$name $((SECONDS - t0))" >>"$OUT/logs/wall_seconds.txt"
   stamp "$name: done in $((SECONDS - t0)) s"
 }
-cams_with() {  # cams_with CHECKPOINT|untrained: the scene's cams.yaml with that encoder
-  local target=$OUT/cams-$(basename "$(dirname "$1")")-$(basename "$1" .pt).yaml
+cams_with() {  # cams_with CHECKPOINT|untrained: the scene's cams.yaml with that encoder, beside it
+  local target=$SCENE/cams-adapt-$(basename "$(dirname "$1")")-$(basename "$1" .pt).yaml  # relative sources
   { cat "$SCENE/cams.yaml"
     [[ $1 == untrained ]] || echo "reid: {checkpoint: $1}"; } >"$target"
   echo "$target"

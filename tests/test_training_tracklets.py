@@ -212,3 +212,23 @@ def test_one_epoch_of_training_without_a_test_set(exported, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test"] is None and results["keypoints"] == "watcher"
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_sources_stored_with_variables_are_expanded_as_the_watcher_expands_them(tmp_path, monkeypatch):
+    """The watcher stores sources as written (`${KEYREID_CACHE}/...`, the demo's): the export
+    expands them the same way; a variable that is not set is an error naming the camera."""
+    write_video(tmp_path / "street.mp4", [moving_rectangles(i, WIDTH, HEIGHT, MOVERS) for i in range(NUM_FRAMES)])
+    url = f"sqlite:///{tmp_path / 'watch.db'}"
+    with open_repository(url) as repo:
+        run = repo.start_run({"clips": {"crop_margin": WATCHER_MARGIN, "size": list(WATCHER_SIZE)}})
+        repo.upsert_camera("cached", source="${KEYREID_CACHE}/street.mp4")
+        repo.upsert_camera("elsewhere", source="${KEYREID_TEST_UNSET_FOLDER}/street.mp4")
+        for camera in ("cached", "elsewhere"):
+            _add_tracklet(repo, run, camera, 0, MOVERS[0])
+        repo.finish_run(run)
+    monkeypatch.setenv("KEYREID_CACHE", str(tmp_path))
+    monkeypatch.delenv("KEYREID_TEST_UNSET_FOLDER", raising=False)
+    summary = export_tracklets(url, tmp_path / "out", progress=False)
+    assert summary.exported == 1
+    assert summary.errors == ["camera 'elsewhere': its source ${KEYREID_TEST_UNSET_FOLDER}/street.mp4 names "
+                              "${KEYREID_TEST_UNSET_FOLDER}, which is not set in this environment"]

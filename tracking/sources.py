@@ -9,6 +9,7 @@ sources. Every failure is a `SourceError` naming the source and the reason.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -25,8 +26,34 @@ from .types import VideoFrame
 LOG = logging.getLogger(__name__)
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+CACHE_ENV = "KEYREID_CACHE"
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "udp", "rtp", "srt", "tcp")
 _DEFAULT_FPS = 25.0  # only used when a stream has neither timestamps nor a frame rate
+
+
+class UnsetVariable(KeyError):
+    """A `${NAME}` without a default names an environment variable that is not set."""
+
+
+def default_cache_dir() -> Path:
+    """Where the demo video and detector weights are fetched: $KEYREID_CACHE or ~/.cache/keyreid."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/keyreid").expanduser()
+
+
+def expand_variables(text: str) -> str:
+    """`${NAME}` / `${NAME:-default}` from the environment; `${KEYREID_CACHE}` is always defined
+    (`default_cache_dir`). Sources are stored as written, variables unexpanded (they may hold
+    credentials), so whoever opens a stored source again expands it here, as the watcher did."""
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name == CACHE_ENV:
+            return str(default_cache_dir())
+        found = os.environ.get(name)
+        if found is None and default is None:
+            raise UnsetVariable(name)
+        return found if found is not None else default
+    return _VAR_RE.sub(substitute, text)
 
 
 class SourceError(RuntimeError):

@@ -219,7 +219,7 @@ def export_tracklets(db: str, out: str | Path, *, min_clips: int = 1, cameras: S
         raise ValueError(f"min_clips must be >= 1, got {min_clips}")
     if margin is not None and not 0.0 <= margin <= 1.0:
         raise ValueError(f"margin must be in [0, 1], got {margin}")
-    from tracking.sources import VideoSource
+    from tracking.sources import UnsetVariable, VideoSource, expand_variables
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +234,13 @@ def export_tracklets(db: str, out: str | Path, *, min_clips: int = 1, cameras: S
         runs = {r.id: r for r in repo.list_runs()}
         for camera_id in sorted(cameras or stored_cameras):
             camera = stored_cameras[camera_id]
+            try:  # stored as written in cams.yaml, `${VAR}`s unexpanded: expand as the watcher did
+                camera = dataclasses.replace(camera, source=expand_variables(camera.source))
+            except UnsetVariable as unset:
+                summary.errors.append(f"camera {camera_id!r}: its source {camera.source} names ${{{unset.args[0]}}}, "
+                                      "which is not set in this environment")
+                log.error(summary.errors[-1])
+                continue
             if VideoSource(camera.source).kind != "file":
                 summary.skipped_cameras.append(camera_id)
                 log.warning("camera %r: live source %s cannot be decoded again: skipped", camera_id, camera.source)

@@ -23,9 +23,8 @@ import yaml
 
 from storage import validate_database_url
 from tracking.redact import redact, redact_value
-from tracking.sources import LIVE_SCHEMES
+from tracking.sources import LIVE_SCHEMES, UnsetVariable, default_cache_dir, expand_variables
 
-CACHE_ENV = "KEYREID_CACHE"
 BACKPRESSURE_POLICIES = ("auto", "block", "drop_oldest")
 TRACKERS = ("bytetrack", "botsort")
 KEYPOINT_BACKENDS = ("auto", "pifpaf", "yolo-pose")
@@ -33,13 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")  # detector and encoder inference runtimes
 DETECTOR_PRECISIONS = ("auto", "int8")  # tracking.runtimes.PRECISIONS
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def default_cache_dir() -> Path:
-    """Where the demo video and detector weights are fetched: $KEYREID_CACHE or ~/.cache/keyreid."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/keyreid").expanduser()
 
 
 class ConfigError(ValueError):
@@ -335,24 +328,12 @@ class _Checker:
 def _expand(value: Any) -> Any:
     """`${NAME}` / `${NAME:-default}` in strings (recursively in lists and mappings)."""
     if isinstance(value, str):
-        def substitute(match: re.Match) -> str:
-            name, default = match.group(1), match.group(2)
-            if name == CACHE_ENV:
-                return str(default_cache_dir())
-            found = os.environ.get(name)
-            if found is None and default is None:
-                raise _UnsetVariable(name)
-            return found if found is not None else default
-        return _VAR_RE.sub(substitute, value)
+        return expand_variables(value)
     if isinstance(value, list):
         return [_expand(v) for v in value]
     if isinstance(value, dict):
         return {k: _expand(v) for k, v in value.items()}
     return value
-
-
-class _UnsetVariable(KeyError):
-    pass
 
 
 def _resolve_path(value: str, base_dir: Path) -> Path:
@@ -389,7 +370,7 @@ def load_config(path: str | os.PathLike, *, database: str | None = None,
         raise ConfigError(shown, [f"not valid YAML: {exc}"]) from None
     try:
         return _build(raw, path.resolve().parent, shown, database, device, check_weights)
-    except _UnsetVariable as exc:
+    except UnsetVariable as exc:
         raise ConfigError(shown, [f"environment variable ${{{exc.args[0]}}} is not set "
                                   f"(write ${{{exc.args[0]}:-default}} to give a default)"]) from None
 
