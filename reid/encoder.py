@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import file_digest, load_model
-from .normalisation import PAYLOAD_KEY, CameraNormalisation
+from .normalisation import CROSS_GENUINE_KEY, PAYLOAD_KEY, CameraNormalisation
 from .registry import build_model
 
 if TYPE_CHECKING:
@@ -86,7 +86,9 @@ class Encoder:
     encoder runs torch and says why (`runtime_reason`).
     A site-adapted checkpoint (`training.adapt`) also carries per-camera descriptor statistics
     (`reid.normalisation`): `encode(..., cameras=[...])` then standardises each clip's
-    descriptor by its camera's statistics (`camera_normalisation`, None otherwise).
+    descriptor by its camera's statistics (`camera_normalisation`, None otherwise), and the
+    distances of its mined cross-camera associations (`cross_camera_genuine`), which the
+    watcher's linker takes as cross-camera genuine labels.
     """
 
     def __init__(
@@ -104,10 +106,13 @@ class Encoder:
         self.device = _resolve_device(device)
         self.runtime, self.runtime_reason = resolve_runtime(runtime, self.device, precision)
         self.camera_normalisation: CameraNormalisation | None = None
+        self.cross_camera_genuine: np.ndarray | None = None
         if checkpoint is not None:
             network, payload = load_model(checkpoint)
             if payload.get(PAYLOAD_KEY) is not None:
                 self.camera_normalisation = CameraNormalisation.from_payload(payload[PAYLOAD_KEY])
+            if payload.get(CROSS_GENUINE_KEY) is not None:
+                self.cross_camera_genuine = np.asarray(payload[CROSS_GENUINE_KEY], dtype=np.float64)
             self.model_name = payload.get("model_name", "custom")
             self.model_id = f"{self.model_name}@{file_digest(checkpoint)}"
             self.trained = True

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 PAYLOAD_KEY = "camera_normalisation"
+# Distances between one person's tracklets in two cameras under a site-adapted checkpoint (its
+# mined associations): the linker's cross-camera genuine labels (tracking.linking.Calibrator).
+CROSS_GENUINE_KEY = "cross_camera_genuine"
 _MIN_CLIPS = 2  # a camera needs this many clips for a spread
 
 

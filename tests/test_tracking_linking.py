@@ -339,6 +339,27 @@ def test_transit_prior_rejects_an_impossible_pair():
     assert unconstrained.identity_of(101) == unconstrained.identity_of(100)
 
 
+def test_cross_camera_genuine_labels_judge_cross_camera_candidates_only():
+    """Tracklet halves (genuine 0.05 +- 0.02) put the threshold far below a cross-camera pair at
+    distance 0.5; with cross-camera genuine labels around 0.45 that pair links, while a
+    same-camera candidate at the same distance is still judged by the halves and stays apart."""
+    rng = np.random.default_rng(3)
+    halves, impostors = rng.normal(0.05, 0.02, 400), rng.normal(1.2, 0.15, 400)
+    angle = 2 * math.asin(0.5 / 2)  # unit vectors at distance 0.5
+    config = LinkerConfig(time_window=10_000.0, transit_prior=False)
+    for cross_genuine, linked in (((), False), (rng.normal(0.45, 0.08, 30), True)):
+        calibrator = Calibrator(genuine=halves, impostor=impostors, cross_genuine=cross_genuine)
+        assert calibrator.cross_ready is linked
+        linker = Linker(config, calibrator=calibrator)
+        a, b, far = at_angles(0.0, angle, 2.5)
+        linker.link([summary(1, "door", 0, 10, a)])
+        linker.link([summary(2, "hall", 100, 110, b)])
+        assert (linker.identity_of(2) == linker.identity_of(1)) is linked
+        linker.link([summary(3, "yard", 500, 510, far)])
+        linker.link([summary(4, "yard", 600, 610, at_angles(2.5 + angle)[0])])  # same camera, 0.5 away
+        assert linker.identity_of(4) != linker.identity_of(3)
+
+
 def test_assignment_prefers_the_cheaper_pairing():
     # X and Y are two identities 0.59 apart; A is 0.10 from X and 0.49 from Y, B is 0.12 from X.
     # A and B overlap in one camera, so only one can join X. Maximising the number of links

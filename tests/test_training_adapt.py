@@ -157,12 +157,15 @@ def test_adapt_from_a_checkpoint_writes_an_adapted_model_that_the_encoder_loads(
     payload = read_checkpoint(out / "adapted.pt")
     assert payload["adaptation"]["adapted_on"]["cameras"] == ["door", "hall"]
     assert payload["adaptation"]["before"]["score"] == results["before"]["score"]
+    # The associations' distances travel with it: the linker's cross-camera genuine labels.
+    assert len(payload["cross_camera_genuine"]) == results["cross_camera_genuine"]["pairs"] >= 1
     saved = json.loads((out / "results.json").read_text())
     assert saved["selected"] == results["selected"]
     # The encoder standardises each clip by its camera's statistics (pooled for unknown ones).
     encoder = Encoder(checkpoint=out / "adapted.pt", device="cpu")
     assert encoder.camera_normalisation is not None
     assert set(encoder.camera_normalisation.cameras) == {"door", "hall"}
+    assert encoder.cross_camera_genuine is not None and (0 <= encoder.cross_camera_genuine).all()
     clip = np.random.default_rng(0).integers(0, 255, (1, 4, 64, 32, 3), dtype=np.uint8)
     door, hall = encoder.encode(clip, None, cameras=["door"]), encoder.encode(clip, None, cameras=["hall"])
     pooled = encoder.encode(clip, None)

@@ -65,10 +65,11 @@ class CalibrationConfig:
 
     min_genuine: int = 50
     min_impostor: int = 50
+    min_cross_genuine: int = 10  # cross-camera genuine labels before they judge cross-camera pairs
     capacity: int = 20_000
 
     def __post_init__(self) -> None:
-        if self.min_genuine < 2 or self.min_impostor < 2:
+        if self.min_genuine < 2 or self.min_impostor < 2 or self.min_cross_genuine < 2:
             raise ValueError("a calibration needs at least 2 labels per class")
         if self.capacity < max(self.min_genuine, self.min_impostor):
             raise ValueError("capacity must hold at least the minimum number of labels")
@@ -240,19 +241,37 @@ class _Fit:
     impostor_std: float
 
 
+def _fit(genuine: np.ndarray, impostor: np.ndarray) -> _Fit:
+    """Robust genuine centre and spread (median, MAD: labels hold outliers), impostor moments."""
+    centre = float(np.median(genuine))
+    spread = _MAD_TO_STD * float(np.median(np.abs(genuine - centre)))
+    return _Fit(centre, max(spread, _MIN_STD), float(impostor.mean()), max(float(impostor.std()), _MIN_STD))
+
+
 class Calibrator:
     """Genuine and impostor distance distributions of one model, maintained online.
 
     Keep one per model (descriptors of different models are not comparable); `model_id` is for
-    the caller. Restore a persisted state by passing the stored samples back in."""
+    the caller. Restore a persisted state by passing the stored samples back in.
+
+    The free genuine labels are a tracklet's halves: one camera, seconds apart, far closer than
+    one person in two cameras, so alone they put the link threshold below every cross-camera
+    pair (measured on a labelled scene: threshold 0.13, cross-camera genuine distances from 0.27).
+    `cross_genuine`, distances of pairs known or mined to be one person in two cameras (a
+    site-adapted checkpoint carries them, `training.adapt`), give cross-camera candidates their
+    own genuine distribution once there are `min_cross_genuine` of them; impostors are shared
+    (same-camera people seen together: closer than cross-camera impostors, so conservative)."""
 
     def __init__(self, config: CalibrationConfig = CalibrationConfig(), model_id: str = "",
-                 genuine: Iterable[float] = (), impostor: Iterable[float] = ()) -> None:
+                 genuine: Iterable[float] = (), impostor: Iterable[float] = (),
+                 cross_genuine: Iterable[float] = ()) -> None:
         self.config = config
         self.model_id = model_id
         self._genuine = _Ring(config.capacity, genuine)
         self._impostor = _Ring(config.capacity, impostor)
+        self._cross_genuine = _Ring(config.capacity, cross_genuine)
         self._fit: _Fit | None = None
+        self._cross_fit: _Fit | None = None
 
     def add_genuine(self, values: float | Iterable[float]) -> None:
         self._genuine.add(np.atleast_1d(np.asarray(values, dtype=np.float64)))
@@ -260,7 +279,19 @@ class Calibrator:
 
     def add_impostor(self, values: float | Iterable[float]) -> None:
         self._impostor.add(np.atleast_1d(np.asarray(values, dtype=np.float64)))
-        self._fit = None
+        self._fit = self._cross_fit = None
+
+    def add_cross_genuine(self, values: float | Iterable[float]) -> None:
+        self._cross_genuine.add(np.atleast_1d(np.asarray(values, dtype=np.float64)))
+        self._cross_fit = None
+
+    def cross_genuine_samples(self) -> np.ndarray:
+        return self._cross_genuine.values()
+
+    @property
+    def cross_ready(self) -> bool:
+        """Cross-camera candidates have their own genuine distribution."""
+        return self.ready and len(self._cross_genuine) >= self.config.min_cross_genuine
 
     def genuine_samples(self) -> np.ndarray:
         return self._genuine.values()
@@ -279,16 +310,16 @@ class Calibrator:
         return (f"uncalibrated: {len(self._genuine)} of {self.config.min_genuine} genuine and "
                 f"{len(self._impostor)} of {self.config.min_impostor} impostor labels")
 
-    def _fitted(self) -> _Fit:
+    def _fitted(self, cross: bool = False) -> _Fit:
+        if cross:
+            if self._cross_fit is None:
+                self._cross_fit = _fit(self._cross_genuine.values(), self._impostor.values())
+            return self._cross_fit
         if self._fit is None:
-            genuine, impostor = self._genuine.values(), self._impostor.values()
-            centre = float(np.median(genuine))
-            spread = _MAD_TO_STD * float(np.median(np.abs(genuine - centre)))
-            self._fit = _Fit(centre, max(spread, _MIN_STD), float(impostor.mean()),
-                             max(float(impostor.std()), _MIN_STD))
+            self._fit = _fit(self._genuine.values(), self._impostor.values())
         return self._fit
 
-    def log_likelihood_ratio(self, d: np.ndarray) -> np.ndarray:
+    def log_likelihood_ratio(self, d: np.ndarray, cross: bool = False) -> np.ndarray:
         """log f_same(d) / f_diff(d), monotone non-increasing in d; 0 (no evidence) for a model
         whose genuine distances are not smaller than its impostor ones. Requires `ready`.
 
@@ -297,10 +328,12 @@ class Calibrator:
         farther candidate never earns more confidence) and lets a candidate closer than a typical
         genuine label count as stronger evidence, since genuine labels (tracklet halves) are
         noisier than the whole-tracklet-vs-prototype distances decisions see, but never more
-        steeply than both spreads allow: for inseparable classes the ratio stays near 1."""
-        if not self.ready:
-            raise RuntimeError(self.status())
-        fit = self._fitted()
+        steeply than both spreads allow: for inseparable classes the ratio stays near 1.
+        `cross`: with the cross-camera genuine distribution (requires `cross_ready`)."""
+        if not (self.cross_ready if cross else self.ready):
+            raise RuntimeError(self.status() if self.ready else
+                               f"{len(self._cross_genuine)} of {self.config.min_cross_genuine} cross-camera genuine labels")
+        fit = self._fitted(cross)
         d = np.asarray(d, dtype=np.float64)
         if fit.genuine_mean >= fit.impostor_mean:
             return np.zeros_like(d)
@@ -813,8 +846,9 @@ class Linker:
         ready = self.calibrator.ready
         near_identities = np.where(allowed_identities, to_identities, np.inf)
         near_pending = np.where(allowed_pending, to_pending, np.inf)
-        identities = self._candidates(near_identities, to_identities, 0, ready)
-        pending = self._candidates(near_pending, to_pending, n, ready)
+        cross_identities, cross_pending = self._cross_camera(summaries)
+        identities = self._candidates(near_identities, to_identities, 0, ready, cross_identities)
+        pending = self._candidates(near_pending, to_pending, n, ready, cross_pending)
         among_identities = self._stage(identities)
         among_all = self._stage(identities, pending)
         rows = np.arange(len(queue))
@@ -842,10 +876,26 @@ class Linker:
             decisions.append(self._open(queue[i], opening))
         return bool(openings)
 
+    def _cross_camera(self, summaries: list[TrackletSummary]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Which candidates are in other cameras only: identity rows with no member in the
+        query's camera ([Q, rows]) and pending tracklets of other cameras ([Q, Q]); None while
+        the calibration has no cross-camera genuine labels (every pair judged alike)."""
+        if not self.calibrator.cross_ready:
+            return None, None
+        cameras = np.array([s.camera_id for s in summaries])
+        to_identities = np.ones((len(summaries), self._rows), dtype=bool)
+        for camera in np.unique(cameras):
+            intervals = self._cameras.get(str(camera))
+            if intervals is not None:
+                rows = intervals.rows_near(-math.inf, math.inf)
+                to_identities[np.ix_(cameras == camera, rows[rows < self._rows])] = False
+        return to_identities, cameras[:, None] != cameras[None, :]
+
     def _candidates(self, near: np.ndarray, distances_: np.ndarray, offset: int,
-                    ready: bool) -> _Candidates:
+                    ready: bool, cross: np.ndarray | None = None) -> _Candidates:
         """Per row of `near` ([Q, C] distances, inf where not allowed): closest, second and the
-        evidence sum. One pass each over the (possibly 100k-wide) rows."""
+        evidence sum. One pass each over the (possibly 100k-wide) rows. `cross` ([Q, C] bool):
+        pairs judged with the cross-camera genuine distribution."""
         q, c = near.shape
         rows = np.arange(q)
         if c == 0:
@@ -860,6 +910,8 @@ class Linker:
             nan = np.full(q, np.nan)
             return _Candidates(best + offset, nearest, second, count, nan, nan)
         llr = self.calibrator.log_likelihood_ratio(distances_)
+        if cross is not None and cross.any():
+            llr = np.where(cross, self.calibrator.log_likelihood_ratio(distances_, cross=True), llr)
         evidence = logsumexp(np.where(np.isfinite(near), llr, -np.inf), axis=1)
         return _Candidates(best + offset, nearest, second, count, evidence, llr[rows, best])
 

@@ -63,6 +63,7 @@ from tqdm import tqdm
 from reid.checkpoints import file_digest, load_model, read_checkpoint, save_checkpoint
 from reid.losses import batch_hard_triplet
 from reid.model import KeyReID
+from reid.normalisation import CROSS_GENUINE_KEY
 from reid.normalisation import PAYLOAD_KEY as NORMALISATION_KEY
 from reid.normalisation import CameraNormalisation
 from reid.registry import build_model, list_models
@@ -162,6 +163,7 @@ class Mining:
     merged_pairs: int
     refused_pairs: int  # candidates that would have joined two free negatives
     target_false_link: float = 0.0
+    merged: list[tuple[float, int, int]] = dataclasses.field(default_factory=list)  # (cosine, i, j)
 
     @property
     def identities(self) -> int:
@@ -233,9 +235,10 @@ def mine_identities(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], 
             i = group[i]
         return i
 
-    merged = refused = 0
-    for _, i, j in candidates:
-        a, b = find(i), find(j)
+    merged: list[tuple[float, int, int]] = []
+    refused = 0
+    for pair in candidates:
+        a, b = find(pair[1]), find(pair[2])
         if a == b:
             continue
         if negatives[np.ix_(sorted(members[a]), sorted(members[b]))].any():
@@ -243,11 +246,11 @@ def mine_identities(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], 
             continue
         group[b] = a
         members[a] |= members.pop(b)
-        merged += 1
+        merged.append(pair)
     roots = sorted(root for root, m in members.items() if len(m) > 1)
     for label, root in enumerate(roots):
         labels[sorted(members[root])] = label
-    return Mining(labels, threshold, count, len(candidates), merged, refused, target_false_link)
+    return Mining(labels, threshold, count, len(candidates), len(merged), refused, target_false_link, merged)
 
 
 def held_out_matches(descriptors: np.ndarray, tracklets: Sequence[SiteTracklet], negatives: np.ndarray,
@@ -421,10 +424,11 @@ class SiteAdapter:
             self.negatives[np.ix_([h[2] for h in self.halves], [h[2] for h in self.halves])])
         return figures
 
-    def mine(self, described: Described, round_: int) -> Mining:
-        """Pseudo-identities among the training tracklets; the target false-link rate is doubled
-        (up to 10%) while fewer than P identities are found (a weak starting model)."""
-        train = np.flatnonzero(self.train_mask)
+    def mine(self, described: Described, round_: int, everyone: bool = False) -> Mining:
+        """Pseudo-identities among the training tracklets (`everyone`: all of them); the target
+        false-link rate is doubled (up to 10%) while fewer than P identities are found (a weak
+        starting model)."""
+        train = np.arange(len(self.records)) if everyone else np.flatnonzero(self.train_mask)
         descriptors = described.descriptors[train]
         tracklets = [self.tracklets[i] for i in train]
         negatives = self.negatives[np.ix_(train, train)]
@@ -575,15 +579,22 @@ class SiteAdapter:
         else:
             model, _ = load_model(self.out / f"round-{chosen_round}.pt")
         model = model.to(self.device).eval()
-        normalisation = self.describe(model, label).normalisation
+        described = self.describe(model, label)
+        # One person in two cameras, as the adapted model sees them: the linker's cross-camera
+        # genuine labels (tracking.linking.Calibrator), from associations among all tracklets.
+        associations = self.mine(described, len(state["rounds"]) + 1, everyone=True)
+        cross_genuine = [float(np.sqrt(max(0.0, 2.0 - 2.0 * cosine))) for cosine, _, _ in associations.merged]
         adaptation = {
             "adapted_on": self.dataset_summary(), "source": source, "rounds": len(state["rounds"]),
             "selected": label, "selection_signal": SELECTION_SIGNAL,
             "before": state["initial"], "after": figures,
+            "cross_camera_genuine": {"pairs": len(cross_genuine), "target_false_link": associations.target_false_link,
+                                     "median_distance": float(np.median(cross_genuine)) if cross_genuine else None},
         }
         path = save_checkpoint(model, self.out / "adapted.pt", self._model_name(), adaptation=adaptation,
                                training={"dataset": "site-adaptation", "git": git_commit()},
-                               **{NORMALISATION_KEY: normalisation.to_payload()})
+                               **{NORMALISATION_KEY: described.normalisation.to_payload(),
+                                  CROSS_GENUINE_KEY: torch.tensor(cross_genuine, dtype=torch.float64)})
         results = {**adaptation, "checkpoint": str(path), "config": dataclasses.asdict(self.config),
                    "per_round": state["rounds"], "git": git_commit()}
         (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

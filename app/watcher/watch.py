@@ -542,12 +542,14 @@ class Watcher:
     # -- linking ---------------------------------------------------------------------------------
     def _earlier_calibration(self, config: LinkerConfig) -> Calibrator:
         """The labels of the newest earlier run of this model: a restarted watcher decides with
-        what it had learnt instead of waiting for 50 new labels of each kind."""
+        what it had learnt instead of waiting for 50 new labels of each kind. A site-adapted
+        checkpoint adds its cross-camera genuine labels (`reid.Encoder.cross_camera_genuine`)."""
         model_id = self.encoder.model_id
         calibrator = Calibrator(config.calibration, model_id)
-        if self.start_over or not self.config.linking.enabled:
+        if not self.config.linking.enabled:
             return calibrator
-        for run in sorted(self.repo.list_runs(), key=lambda r: r.id, reverse=True):
+        runs = [] if self.start_over else sorted(self.repo.list_runs(), key=lambda r: r.id, reverse=True)
+        for run in runs:
             stored = run.calibration or {}
             if run.id != self.run_id and stored.get("model_id") == model_id \
                     and stored.get("genuine_samples") is not None:
@@ -556,6 +558,11 @@ class Watcher:
                 LOG.info("linker calibration continues from run %d: %s", run.id,
                          calibrator.status())
                 break
+        cross_genuine = self.encoder.encoder.cross_camera_genuine
+        if cross_genuine is not None and len(cross_genuine):
+            calibrator.add_cross_genuine(cross_genuine)
+            LOG.info("linker: %d cross-camera genuine labels from the site-adapted checkpoint "
+                     "(median distance %.2f)", len(cross_genuine), float(np.median(cross_genuine)))
         return calibrator
 
     def _continue_identities(self) -> None:
