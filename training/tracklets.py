@@ -17,6 +17,10 @@ query with camera unknown (camid -1, as for an uploaded query photo) and the sec
 the gallery among the second halves of the other held-out tracklets. Its mAP says whether the
 model finds the same person later in the same tracklet among other people: a proxy for model
 selection, not a cross-camera re-id score.
+
+To adapt a model to a site use `training.adapt` instead: one identity per tracklet trains one
+person's tracklets in two cameras apart, and the temporal-halves proxy cannot see it (measured:
+cross-camera mAP fell); adapt labels tracklets across cameras and selects on cross-camera matches.
 """
 from __future__ import annotations
 
