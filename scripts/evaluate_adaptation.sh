@@ -7,7 +7,8 @@
 # DIR is a folder of scripts/evaluate_linking.sh (it provides DIR/runs/tiny/best.pt, a ViT-Tiny
 # trained on synthetic re-id data, and the labelled scene DIR/scene); run that first (or set
 # SOURCE=checkpoint SCENE=folder). Steps (each skipped when its output exists, so reruns resume):
-#   1. keyreid-watch on the scene with the source checkpoint -> DIR/adapt/source.{db,json}
+#   1. keyreid-watch on the scene with the source checkpoint -> DIR/adapt/source.{db,json}; the
+#      source with the site's camera statistics only (training.adapt --rounds 0) -> statistics.*
 #   2. per seed: training.adapt --db source.db --from SOURCE --seed S -> DIR/adapt/seed-S/adapted.pt,
 #      then keyreid-watch on the scene with it -> DIR/adapt/adapted-S.{db,json}
 #   3. unless --no-scratch: the same from scratch: keyreid-watch with the untrained default
@@ -65,6 +66,12 @@ watch_and_score() {  # watch_and_score NAME CAMS_YAML: OUT/NAME.db and OUT/NAME.
 }
 
 watch_and_score source "$(cams_with "$SOURCE")"
+# the source's weights with this site's camera statistics only (no training): attribution
+if [[ ! -f $OUT/statistics/adapted.pt ]]; then
+  (cd "$REPO" && timed adapt-statistics "$PY" -m training.adapt --db "sqlite:///$OUT/source.db" \
+      --from "$SOURCE" --out "$OUT/statistics" --rounds 0 --no-progress)
+fi
+watch_and_score statistics "$(cams_with "$OUT/statistics/adapted.pt")"
 for seed in $SEEDS; do
   if [[ ! -f $OUT/seed-$seed/adapted.pt ]]; then
     (cd "$REPO" && timed "adapt-$seed" "$PY" -m training.adapt --db "sqlite:///$OUT/source.db" \
@@ -117,8 +124,10 @@ rows = []
 source, untrained = load("source"), load("untrained")
 adapted = [load(f"adapted-{s}") for s in seeds]
 adapted = [a for a in adapted if a is not None]
-columns = [("source (synthetic-trained)", [source] if source else []),
-           (f"adapted from it ({len(adapted)} seeds)", adapted)]
+columns = [("source (synthetic-trained)", [source] if source else [])]
+if load("statistics"):
+    columns.append(("its weights + the site's camera statistics (--rounds 0)", [load("statistics")]))
+columns.append((f"adapted from it ({len(adapted)} seeds)", adapted))
 if untrained:
     columns.append(("untrained", [untrained]))
 if load("scratch"):

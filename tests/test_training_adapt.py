@@ -189,6 +189,11 @@ def test_adapt_from_a_checkpoint_writes_an_adapted_model_that_the_encoder_loads(
     with pytest.raises(ValueError, match="other settings.*seed"):
         adapt(AdaptConfig(**{**config.__dict__, "seed": 5}))
 
+    # --rounds 0: the starting weights with this site's camera statistics, no training.
+    statistics_only = adapt(AdaptConfig(**{**config.__dict__, "out": str(tmp_path / "stats"), "rounds": 0}))
+    assert statistics_only["selected"] == "start" and statistics_only["per_round"] == []
+    assert Encoder(checkpoint=tmp_path / "stats" / "adapted.pt", device="cpu").camera_normalisation is not None
+
 
 def test_the_command_line_from_scratch_and_its_errors(site_db, tmp_path, capsys):
     out = tmp_path / "scratch"

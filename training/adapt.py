@@ -111,8 +111,8 @@ class AdaptConfig:
         problems = []
         if self.budget_minutes <= 0:
             problems.append(f"budget must be > 0 minutes, got {self.budget_minutes}")
-        if self.rounds < 1:
-            problems.append(f"rounds must be >= 1, got {self.rounds}")
+        if self.rounds < 0:
+            problems.append(f"rounds must be >= 0 (0: camera statistics only), got {self.rounds}")
         if not 0.0 < self.held_out < 0.5:
             problems.append(f"held-out fraction must be in (0, 0.5), got {self.held_out}")
         for name in ("target_false_link", "selection_false_link"):
@@ -530,7 +530,7 @@ class SiteAdapter:
             model = model.to(self.device).eval()
             described = self.describe(model, f"round {done}")
             log.info("resuming after round %d of %d", done, self.config.rounds)
-        per_round = 60.0 * self.config.budget_minutes / self.config.rounds
+        per_round = 60.0 * self.config.budget_minutes / max(self.config.rounds, 1)
         for round_ in range(done + 1, self.config.rounds + 1):
             if state["rounds"] and state["rounds"][-1].get("stopped"):
                 break
@@ -622,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="its reid.config.ModelConfig overrides, e.g. depth=4 img_size=[128,64]")
     parser.add_argument("--budget", type=float, default=defaults.budget_minutes, dest="budget_minutes",
                         metavar="MINUTES", help="training time over all rounds (encoding not counted)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds,
+                        help="mining + training rounds; 0: only this site's camera statistics and "
+                             "cross-camera labels for the starting model (seconds, no training)")
     parser.add_argument("--held-out", type=float, default=defaults.held_out,
                         help="fraction of tracklets kept out of training, for model selection")
     parser.add_argument("--target-false-link", type=float, default=defaults.target_false_link,
