@@ -424,7 +424,7 @@ class SiteAdapter:
             self.negatives[np.ix_([h[2] for h in self.halves], [h[2] for h in self.halves])])
         return figures
 
-    def mine(self, described: Described, round_: int, everyone: bool = False) -> Mining:
+    def mine(self, described: Described, label: str, everyone: bool = False) -> Mining:
         """Pseudo-identities among the training tracklets (`everyone`: all of them); the target
         false-link rate is doubled (up to 10%) while fewer than P identities are found (a weak
         starting model)."""
@@ -438,8 +438,8 @@ class SiteAdapter:
             if mining.identities >= self.config.batch_p or target >= 0.1:
                 break
             target = min(0.1, 2 * target)
-            log.info("round %d: %d pseudo-identities; relaxing the mining target to %.0f%% false links",
-                     round_, mining.identities, 100 * target)
+            log.info("%s: %d pseudo-identities; relaxing the mining target to %.0f%% false links",
+                     label, mining.identities, 100 * target)
         labels = np.full(len(self.records), -1, dtype=np.int64)
         labels[train] = mining.labels
         return dataclasses.replace(mining, labels=labels)
@@ -498,7 +498,7 @@ class SiteAdapter:
         if not self.state_path.is_file():
             return {"config": dataclasses.asdict(self.config), "rounds": [], "initial": None}
         state = json.loads(self.state_path.read_text())
-        saved = {k: v for k, v in state["config"].items() if k not in ("progress", "budget_minutes", "rounds")}
+        saved = {k: v for k, v in state["config"].items() if k not in ("out", "device", "progress", "budget_minutes", "rounds")}
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k in saved}
         if saved != current:
             changed = sorted(k for k in saved if saved[k] != current.get(k))
@@ -518,23 +518,26 @@ class SiteAdapter:
         self.load()
         model, source = self.initial_model()
         model = model.to(self.device).eval()
-        described = self.describe(model, "start")
+        done = len(state["rounds"])
+        resumed = done and "selection" in state["rounds"][-1]
+        described, described_round = None, 0  # the latest model's view, reused while it is current
+        if state["initial"] is None or not resumed:
+            described = self.describe(model, "start")
         if state["initial"] is None:
             state["initial"] = self.figures(described)
             self._save_state(state)
         log.info("start (%s): held-out cross-camera matches %.1f%%, within-camera AUC %s", source,
                  100 * state["initial"]["score"], state["initial"]["within_camera_auc"])
-        done = len(state["rounds"])
-        if done and "selection" in state["rounds"][-1]:
+        if resumed:
             model, _ = load_model(self.out / f"round-{done}.pt")
             model = model.to(self.device).eval()
-            described = self.describe(model, f"round {done}")
+            described, described_round = self.describe(model, f"round {done}"), done
             log.info("resuming after round %d of %d", done, self.config.rounds)
         per_round = 60.0 * self.config.budget_minutes / max(self.config.rounds, 1)
         for round_ in range(done + 1, self.config.rounds + 1):
             if state["rounds"] and state["rounds"][-1].get("stopped"):
                 break
-            mining = self.mine(described, round_)
+            mining = self.mine(described, f"round {round_}")
             if mining.identities < MIN_IDENTITIES:
                 log.warning("round %d: only %d cross-camera pseudo-identities (threshold %s): nothing to "
                             "learn from; stopping", round_, mining.identities, mining.threshold)
@@ -544,7 +547,7 @@ class SiteAdapter:
             log.info("round %d: %s", round_, mining.summary())
             self._write_labels(mining, round_)
             training = self.train_round(model, mining, per_round, round_)
-            described = self.describe(model, f"round {round_}")
+            described, described_round = self.describe(model, f"round {round_}"), round_
             figures = self.figures(described)
             save_checkpoint(model, self.out / f"round-{round_}.pt", self._model_name(),
                             adaptation={"round": round_})
@@ -553,7 +556,7 @@ class SiteAdapter:
             self._save_state(state)
             log.info("round %d: held-out cross-camera matches %.1f%% (start %.1f%%), within-camera AUC %s",
                      round_, 100 * figures["score"], 100 * state["initial"]["score"], figures["within_camera_auc"])
-        return self.finish(state, source)
+        return self.finish(state, source, described, described_round)
 
     def _write_labels(self, mining: Mining, round_: int) -> None:
         """`round-N-identities.json`: the round's pseudo-identities as lists of tracklet ids."""
@@ -568,7 +571,10 @@ class SiteAdapter:
             return self.config.model
         return str(read_checkpoint(self.config.source).get("model_name", self.config.model))
 
-    def finish(self, state: dict[str, Any], source: str) -> dict[str, Any]:
+    def finish(self, state: dict[str, Any], source: str, latest: Described | None = None,
+               latest_round: int = 0) -> dict[str, Any]:
+        """Write adapted.pt (the selected candidate with its camera statistics and cross-camera
+        labels) and results.json; `latest` is the last candidate's view, reused if selected."""
         candidates = [("start", 0, state["initial"])] + [
             (f"round {r['round']}", r["round"], r["selection"]) for r in state["rounds"] if "selection" in r]
         label, chosen_round, figures = max(candidates, key=lambda c: (c[2]["score"], c[1] == 0))
@@ -579,10 +585,10 @@ class SiteAdapter:
         else:
             model, _ = load_model(self.out / f"round-{chosen_round}.pt")
         model = model.to(self.device).eval()
-        described = self.describe(model, label)
+        described = latest if latest is not None and latest_round == chosen_round else self.describe(model, label)
         # One person in two cameras, as the adapted model sees them: the linker's cross-camera
         # genuine labels (tracking.linking.Calibrator), from associations among all tracklets.
-        associations = self.mine(described, len(state["rounds"]) + 1, everyone=True)
+        associations = self.mine(described, "cross-camera labels", everyone=True)
         cross_genuine = [float(np.sqrt(max(0.0, 2.0 - 2.0 * cosine))) for cosine, _, _ in associations.merged]
         adaptation = {
             "adapted_on": self.dataset_summary(), "source": source, "rounds": len(state["rounds"]),
