@@ -161,8 +161,9 @@ class OnnxRunner:
             import openvino as ov
 
             config: dict = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
-            if threads is not None:
-                config["INFERENCE_NUM_THREADS"] = threads
+            if threads is not None:  # a share of the cores: not pinned to the ones OpenVINO
+                config["INFERENCE_NUM_THREADS"] = threads  # would pick for a whole machine
+                config["ENABLE_CPU_PINNING"] = False  # (tracking.runtimes.pin_threads)
             self._compiled = ov.Core().compile_model(str(path), "CPU", config)
             # OpenVINO may give an input extra tensor names; keep the one we exported.
             self.inputs = [next(n for n in port.get_names() if n in INPUTS) for port in self._compiled.inputs]

@@ -158,6 +158,9 @@ def test_exported_graph_matches_torch_for_every_ci_sized_variant(name, export_di
         encoder = reid.Encoder(model=name, device="cpu", runtime=runtime, threads=1, batch_size=2,
                                export_dir=export_dir)
         assert encoder.runtime == runtime, encoder.runtime_reason
+        if runtime == "openvino":  # a share of the cores, left to the OS to place
+            assert encoder.runner._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+            assert encoder.runner._compiled.get_property("ENABLE_CPU_PINNING") is False
         got = encoder.encode(frames, keypoints, cameras)
         assert got.dtype == np.float32 and got.shape == expected.shape
         assert _relative(got, expected) <= 1e-4, (runtime, _relative(got, expected))

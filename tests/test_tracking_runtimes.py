@@ -140,6 +140,8 @@ def test_exported_detector_tracks_with_pinned_threads(runtime, weights, demo_cam
     backend = tracker.model.predictor.model.backend
     if runtime == "openvino":
         assert backend.ov_compiled_model.get_property("INFERENCE_NUM_THREADS") == 1
+        # pinned, every camera worker's thread went to the same core (README, Performance)
+        assert backend.ov_compiled_model.get_property("ENABLE_CPU_PINNING") is False
     else:
         assert backend.session.get_session_options().intra_op_num_threads == 1
     people = [p for frame in tracks for p in frame]
