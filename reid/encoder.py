@@ -40,7 +40,8 @@ RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 
 def resolve_runtime(runtime: str, device: torch.device, precision: str = "auto") -> tuple[str, str]:
     """The runtime to use and why. `auto`: torch on CUDA; on the CPU ONNX Runtime, else OpenVINO,
-    else torch (whichever is installed), OpenVINO first for bf16 (ONNX Runtime has none). For
+    else torch (whichever is installed), OpenVINO first for bf16 (ONNX Runtime has none), which
+    precision `auto` is on a CPU with bf16 units (`reid.export.resolve_precision`). For
     ViT-Tiny at one thread, interleaved: ONNX Runtime 11-13 clips/s, torch and OpenVINO fp32
     8-9, OpenVINO bf16 16-18. An explicit runtime that is not installed falls back to torch with
     the reason, so the service never fails for a speed-up."""
@@ -51,7 +52,8 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str = "auto")
     if runtime == "auto":
         if device.type != "cpu":
             return "torch", f"runtime auto: torch on {device.type}"
-        order = ("openvino", "onnxruntime") if precision == "bf16" else ("onnxruntime", "openvino")
+        bf16 = precision == "bf16" or (precision == "auto" and _openvino_bf16_available())
+        order = ("openvino", "onnxruntime") if bf16 else ("onnxruntime", "openvino")
         for candidate in order:
             if importlib.util.find_spec(candidate) is not None:
                 return candidate, f"runtime auto: {candidate} on the CPU"
@@ -59,6 +61,14 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str = "auto")
     if importlib.util.find_spec(runtime) is None:
         return "torch", f"runtime {runtime} unavailable (not installed): torch"
     return runtime, f"runtime: {runtime} (configured)"
+
+
+def _openvino_bf16_available() -> bool:
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    from .export import openvino_cpu_has_bf16
+
+    return openvino_cpu_has_bf16()
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -77,12 +87,12 @@ class Encoder:
     carries its own config, so `model` is ignored). Without one, the named variant is built
     with a fixed seed: every process gets the same, *untrained*, embeddings — useful for
     plumbing, useless for re-identification, and said loudly.
-    `precision`: "auto" (bf16 autocast on CUDA when supported, else fp16; fp32 on CPU),
-    "fp32", "bf16" or "fp16".
+    `precision`: "auto" (bf16 autocast on CUDA when supported, else fp16; on the CPU bf16 with
+    OpenVINO where the CPU has bf16 units, else fp32), "fp32", "bf16" or "fp16".
     `runtime`: "torch", "openvino", "onnxruntime" or "auto" (`resolve_runtime`). The latter two
     run the optimised inference graph exported to ONNX (`reid.export`, cached in `export_dir`)
-    on the CPU, with `threads` threads (None: the runtime's default, every core); fp32 (or bf16
-    with OpenVINO) and descriptors within 1e-4 relative of torch. If the export fails the
+    on the CPU, with `threads` threads (None: the runtime's default, every core); in fp32 their
+    descriptors are within 1e-4 relative of torch (bf16: ~1e-2). If the export fails the
     encoder runs torch and says why (`runtime_reason`).
     A site-adapted checkpoint (`training.adapt`) also carries per-camera descriptor statistics
     (`reid.normalisation`): `encode(..., cameras=[...])` then standardises each clip's
@@ -154,12 +164,12 @@ class Encoder:
 
     def _exported_runner(self, export_dir: str | Path | None, threads: int | None, precision: str) -> "OnnxRunner | None":
         """The OpenVINO / ONNX Runtime runner of the exported graph; None (torch) if that fails."""
-        from .export import OnnxRunner, cached_onnx, check_precision
+        from .export import OnnxRunner, cached_onnx, resolve_precision
 
         if self.device.type != "cpu":
             raise ValueError(f"runtime {self.runtime!r} runs on the CPU, not {self.device}")
-        exported_precision = "fp32" if precision == "auto" else precision
-        check_precision(self.runtime, exported_precision)
+        exported_precision = resolve_precision(self.runtime, precision)
+        self.runtime_reason += f", {exported_precision}"
         try:
             path = cached_onnx(self.model, self.model_name, export_dir)
             return OnnxRunner(path, self.runtime, threads=threads, precision=exported_precision)

@@ -156,7 +156,7 @@ def test_exported_graph_matches_torch_for_every_ci_sized_variant(name, export_di
     expected = reid.Encoder(model=name, device="cpu").encode(frames, keypoints, cameras)
     for runtime in available:
         encoder = reid.Encoder(model=name, device="cpu", runtime=runtime, threads=1, batch_size=2,
-                               export_dir=export_dir)
+                               export_dir=export_dir, precision="fp32")
         assert encoder.runtime == runtime, encoder.runtime_reason
         if runtime == "openvino":  # a share of the cores, left to the OS to place
             assert encoder.runner._compiled.get_property("INFERENCE_NUM_THREADS") == 1
@@ -164,6 +164,24 @@ def test_exported_graph_matches_torch_for_every_ci_sized_variant(name, export_di
         got = encoder.encode(frames, keypoints, cameras)
         assert got.dtype == np.float32 and got.shape == expected.shape
         assert _relative(got, expected) <= 1e-4, (runtime, _relative(got, expected))
+
+
+def test_openvino_auto_precision_is_bf16_on_bf16_cpus_and_close_to_torch(export_dir):
+    """The watcher's CPU default: descriptors ~1e-2 from torch fp32, the same neighbours."""
+    _needs("openvino")
+    from reid import export
+
+    frames, keypoints = _clips(count=6, height=200, width=80, seed=2)
+    expected = reid.Encoder(device="cpu").encode(frames, keypoints)
+    encoder = reid.Encoder(device="cpu", runtime="openvino", threads=1, export_dir=export_dir)
+    precision = "bf16" if export.openvino_cpu_has_bf16() else "fp32"
+    assert encoder.runtime_reason.endswith(precision)
+    assert encoder.runner._compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == \
+        {"bf16": "bf16", "fp32": "f32"}[precision]
+    got = encoder.encode(frames, keypoints)
+    assert _relative(got, expected) <= (5e-2 if precision == "bf16" else 1e-4)
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.999
 
 
 @pytest.mark.parametrize("runtime", EXPORTED)
@@ -221,9 +239,15 @@ def test_runtime_choice_and_torch_fallbacks(tmp_path, monkeypatch, caplog):
     with pytest.raises(ValueError, match="tensorrt"):
         reid.Encoder(device="cpu", runtime="tensorrt", **TINY)
     if importlib.util.find_spec("onnxruntime") is not None:
-        assert encoder_module.resolve_runtime("auto", cpu)[0] == "onnxruntime"  # fastest fp32 here
+        assert encoder_module.resolve_runtime("auto", cpu, "fp32")[0] == "onnxruntime"  # fastest fp32
     if importlib.util.find_spec("openvino") is not None:
         assert encoder_module.resolve_runtime("auto", cpu, "bf16")[0] == "openvino"
+        # auto precision: OpenVINO bf16 where the CPU has bf16 units, else the fastest fp32
+        bf16_cpu = export.openvino_cpu_has_bf16()
+        assert export.resolve_precision("openvino", "auto") == ("bf16" if bf16_cpu else "fp32")
+        assert export.resolve_precision("onnxruntime", "auto") == "fp32"
+        if bf16_cpu:
+            assert encoder_module.resolve_runtime("auto", cpu)[0] == "openvino"
         with pytest.raises(ValueError, match="fp16"):
             reid.Encoder(device="cpu", runtime="openvino", precision="fp16", export_dir=tmp_path, **TINY)
     with pytest.raises(ValueError, match="bf16"):

@@ -118,7 +118,8 @@ class ReidConfig:
     """The encoder. `checkpoint` None = untrained weights (said loudly at start-up).
 
     `runtime`: auto | torch | openvino | onnxruntime (`reid.Encoder`; the exported graph runs on
-    the CPU; auto = ONNX Runtime on a CPU when installed (OpenVINO for bf16), torch on CUDA)."""
+    the CPU; auto = OpenVINO bf16 on a CPU with bf16 units, else ONNX Runtime fp32, when
+    installed; torch on CUDA). `precision` auto: see `reid.Encoder`."""
 
     checkpoint: str | None = None
     model: str = "keyreid_vit_tiny"

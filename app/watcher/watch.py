@@ -169,6 +169,7 @@ class WatchSummary:
     store_seconds: float
     link_seconds: float
     first_frame_at: float | None
+    drained_at: float | None  # every result stored and linked, before the workers are joined
     finished_at: float
     model_id: str
     dim: int
@@ -276,6 +277,7 @@ class Watcher:
         self.last_relink = self.last_calibration = 0.0
         self.last_operator_change = repo.last_decision_id()
         self.spool: deque[_Write] = deque()
+        self.drained_at: float | None = None  # time.monotonic() when the last result was handled
         self.spool_clips = 0
         self.db_error: str | None = None
         self.db_retry_at = 0.0
@@ -333,10 +335,12 @@ class Watcher:
                 if not self.spool:
                     self._link_ready()
                 if not running and not self.encoder.backlog and not self.spool:
+                    self.drained_at = time.monotonic()
                     break
                 if stopping_since is not None and (self._force or now - stopping_since > drain):
                     self._abandon(running)
                     self._drain_after_stop(drain)
+                    self.drained_at = time.monotonic()
                     break
                 if now - last_db_status >= DB_STATUS_INTERVAL_S:
                     self._store_camera_status()
@@ -884,7 +888,8 @@ class Watcher:
             clips_stored=self.counts["clips"], identities=self.counts["identities"],
             linked=self.counts["linked"], encode_seconds=self.encoder.encode_seconds,
             store_seconds=self.timing["store"], link_seconds=self.timing["link"],
-            first_frame_at=min(firsts) if firsts else None, finished_at=time.monotonic(),
+            first_frame_at=min(firsts) if firsts else None, drained_at=self.drained_at,
+            finished_at=time.monotonic(),
             model_id=self.encoder.model_id, dim=self.encoder.dim, exit_code=exit_code,
             set_aside=self.counts["set_aside"], lost_writes=len(self.spool),
             repaired=str(self.repair_report), separation=str(self.linker.separation()))
