@@ -28,6 +28,7 @@ from .records import (
     SearchHit,
     StorageStats,
     TrackletRecord,
+    UnlinkedTracklet,
 )
 from .repository import DEFAULT_URL, Repository, open_repository
 from .retention import RetentionPolicy, RetentionReport, enforce_retention
@@ -62,6 +63,7 @@ __all__ = [
     "StorageStats",
     "StorageUnavailableError",
     "TrackletRecord",
+    "UnlinkedTracklet",
     "WriterLockedError",
     "describe",
     "distances",

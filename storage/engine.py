@@ -12,6 +12,12 @@ same time, so every SQLite connection is set up for that:
   so a read-then-write transaction can never fail half-way on a lock upgrade.
 * Read-only engines open the file with the `mode=ro` URI: SQLite itself refuses writes, so a
   bug in a reader cannot damage the database, and `query_only` is set as well.
+
+PostgreSQL (`postgresql+psycopg://user@host/db`) holds one site's data for several watchers.
+None of the above applies there (the server has its own concurrency control); its read-only
+engines open every transaction read-only (`default_transaction_read_only`), so the server
+itself refuses a reader's write, and connections time out after `CONNECT_TIMEOUT_S` instead of
+hanging on a server that is down.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from .errors import StorageError
 
 BUSY_TIMEOUT_S = 10.0
 WAL_SIZE_LIMIT = 64 * 2**20
+CONNECT_TIMEOUT_S = 10
 
 
 def display_url(url: URL | str) -> str:
@@ -61,6 +68,9 @@ def validate_database_url(url: str, *, readonly: bool = False) -> str | None:
         return f"database URL {shown!r}: unknown database dialect {parsed.drivername!r}"
     except ImportError as exc:
         return f"database URL {shown!r}: its driver is not installed ({exc})"
+    if parsed.get_backend_name() == "postgresql" and not parsed.database:
+        return (f"database URL {shown!r}: name the database, e.g. "
+                "postgresql+psycopg://user@host:5432/keyreid")
     if parsed.get_backend_name() != "sqlite":
         return None
     if parsed.database in (None, "", ":memory:") or parsed.database.startswith("file:"):
@@ -118,6 +128,18 @@ def _install_sqlite_listeners(engine: Engine, *, readonly: bool) -> None:
         conn.exec_driver_sql(begin)
 
 
+def _server_engine(url: URL, *, readonly: bool) -> Engine:
+    """A client/server database's engine (PostgreSQL): stale pooled connections are replaced
+    (`pool_pre_ping`, e.g. after a server restart), connecting gives up after a timeout, and a
+    read-only engine's transactions are read-only on the server."""
+    connect_args: dict = {}
+    if url.get_backend_name() == "postgresql":
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+        if readonly:
+            connect_args["options"] = "-c default_transaction_read_only=on"
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
 def create_storage_engine(url: str, *, readonly: bool) -> Engine:
     """An engine for `url` set up as described above; raises StorageError on a bad URL."""
     problem = validate_database_url(url, readonly=readonly)
@@ -126,7 +148,7 @@ def create_storage_engine(url: str, *, readonly: bool) -> Engine:
     parsed = make_url(url)
     path = sqlite_path(parsed)
     if path is None:
-        return create_engine(parsed, pool_pre_ping=True)
+        return _server_engine(parsed, readonly=readonly)
     if readonly:
         uri = f"{path.resolve().as_uri()}?mode=ro"
 

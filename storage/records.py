@@ -146,6 +146,20 @@ class IdentityMember:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class UnlinkedTracklet:
+    """A finished tracklet no identity holds yet, as the site's linker takes it from storage:
+    its clip descriptors [N, D] (float32) and the clips' start times [N], times on the
+    wall-clock axis."""
+
+    tracklet_id: int
+    camera_id: str
+    first_time: float
+    last_time: float
+    clips: np.ndarray = field(repr=False)
+    clip_times: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class IdentitySnapshot:
     identity_id: int
     members: tuple[IdentityMember, ...]

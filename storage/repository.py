@@ -35,7 +35,7 @@ from .errors import (
     StorageError,
     StorageUnavailableError,
 )
-from .lock import WriterLock
+from .lock import SiteSession, WriterLock, alive_runs, lock_for_migration
 from .records import (
     LINK_KINDS,
     ActivityBucket,
@@ -51,6 +51,7 @@ from .records import (
     SearchHit,
     StorageStats,
     TrackletRecord,
+    UnlinkedTracklet,
 )
 from .schema import (
     MIGRATIONS,
@@ -125,7 +126,8 @@ class Repository:
         self._readonly = readonly
         self._descriptor_dtype = descriptor_dtype
         self._schema_version = schema_version
-        self._lock: WriterLock | None = None
+        self._lock: WriterLock | None = None  # SQLite: the one writer's file lock
+        self._site: SiteSession | None = None  # PostgreSQL: this watcher's advisory locks
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -150,19 +152,32 @@ class Repository:
         return self._schema_version
 
     @property
+    def is_sqlite(self) -> bool:
+        return self._engine.dialect.name == "sqlite"
+
+    @property
     def holds_writer_lock(self) -> bool:
+        if self._site is not None:
+            return True
         return self._lock is not None and self._lock.held
 
     def acquire_writer(self, owner: str) -> None:
-        """Become the database's single writer or raise WriterLockedError naming the holder."""
+        """Become a writer of the database, as a watcher is.
+
+        SQLite has one writer: the file lock, or WriterLockedError naming its holder.
+        PostgreSQL takes several (one per watcher, each with its own cameras): a dedicated
+        connection that keeps this writer's runs marked alive and can hold the site's linker
+        lock (`claim_linker`); StorageUnavailableError when the server cannot be reached.
+        """
         self._require_writable()
         if self.holds_writer_lock:
             return
         path = sqlite_path(self._engine.url)
         if path is None:
-            raise StorageError(
-                f"{self.url}: the single-writer lock is only implemented for SQLite files"
-            )
+            site = SiteSession(self._engine, self.url)
+            site.ensure()
+            self._site = site
+            return
         lock = WriterLock(Path(f"{path}.lock"), owner)
         lock.acquire()
         self._lock = lock
@@ -171,6 +186,24 @@ class Repository:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._site is not None:
+            self._site.close()
+            self._site = None
+
+    def claim_linker(self) -> bool:
+        """Whether this writer is (now) the one that links identities: SQLite's single writer
+        always is; on PostgreSQL the first watcher to take the site's linker lock, until it
+        stops (then the next claim of another watcher succeeds)."""
+        if not self.holds_writer_lock:
+            raise StorageError(f"{self.url}: linking needs the writer lock")
+        return self._site is None or self._site.claim_linker()
+
+    def other_writers_alive(self, run_id: int) -> bool:
+        """Whether a run other than `run_id` has a live watcher (always False on SQLite, whose
+        one writer is this one)."""
+        if self._site is None:
+            return False
+        return bool(alive_runs(self._site.ensure()) - {run_id})
 
     def close(self) -> None:
         """Release the writer lock and close every pooled connection."""
@@ -204,7 +237,10 @@ class Repository:
             yield session
 
     def integrity_check(self) -> list[str]:
-        """SQLite's `PRAGMA integrity_check` result lines (["ok"] for a sound file)."""
+        """SQLite's `PRAGMA integrity_check` result lines (["ok"] for a sound file); a server
+        database checks its own pages, so there this is refused."""
+        if not self.is_sqlite:
+            raise StorageError(f"{self.url}: integrity_check is a SQLite file check")
         with self._engine.connect() as conn:
             return [row[0] for row in conn.execute(text("PRAGMA integrity_check"))]
 
@@ -216,6 +252,8 @@ class Repository:
                       pid=os.getpid(), hostname=socket.gethostname(), status="running")
             s.add(run)
             s.flush()
+            if self._site is not None:  # locked before it is visible: never seen as dead
+                self._site.hold_run(run.id)
             return run.id
 
     def finish_run(self, run_id: int, status: str = "finished") -> None:
@@ -233,19 +271,22 @@ class Repository:
         """Clean up after writers that died (kill -9, power loss) before `current_run_id`.
 
         Their open tracklets are closed (`end_reason` says why) and identities left without a
-        member and named by no decision are removed. Requires the writer lock: only then can no
-        other run still be alive.
+        member and named by no decision are removed. Requires the writer lock: on SQLite no
+        other run can then be alive; on PostgreSQL the runs of live watchers (their run locks
+        are held) are left alone.
         """
         if not self.holds_writer_lock:
             raise StorageError(f"{self.url}: repair needs the writer lock")
+        alive = alive_runs(self._site.ensure()) if self._site is not None else set()
+        alive.add(current_run_id)
         with self._write() as s:
-            aborted = list(s.scalars(select(Run).where(Run.id < current_run_id,
+            aborted = list(s.scalars(select(Run).where(Run.id.not_in(alive),
                                                        Run.status == "running")))
             for run in aborted:
                 run.status = "aborted: the writer stopped without finishing this run"
                 run.ended_at = run.ended_at or utcnow()
             open_tracklets = list(s.scalars(select(Tracklet).where(
-                Tracklet.run_id < current_run_id, Tracklet.finished.is_(False))))
+                Tracklet.run_id.not_in(alive), Tracklet.finished.is_(False))))
             for tracklet in open_tracklets:
                 tracklet.finished = True
                 tracklet.end_reason = (f"run {tracklet.run_id} ended without closing it "
@@ -694,6 +735,39 @@ class Repository:
         return [IdentitySnapshot(identity_id, tuple(members))
                 for identity_id, members in snapshots.items()]
 
+    def tracklets_to_link(self, model_id: str, *, since: float | None = None,
+                          exclude: Iterable[int] = (), limit: int = 500) -> list[UnlinkedTracklet]:
+        """Finished tracklets of any watcher that no identity holds yet, with clips of
+        `model_id`, last seen at or after `since` (wall clock), in the order they ended: what
+        the site's one linker takes from the database (`exclude`: those it already holds).
+        A watcher marks a tracklet finished only once every clip of it is stored."""
+        conditions = [Tracklet.finished.is_(True), Tracklet.identity_id.is_(None),
+                      select(Clip.id).where(Clip.tracklet_id == Tracklet.id,
+                                            Clip.model_id == model_id).exists()]
+        if since is not None:
+            conditions.append(_LAST_SEEN >= since)
+        excluded = sorted({int(key) for key in exclude})
+        if excluded:
+            conditions.append(Tracklet.id.not_in(excluded))
+        with self._read() as s:
+            rows = s.execute(select(Tracklet.id, Tracklet.camera_id, _FIRST_SEEN, _LAST_SEEN)
+                             .where(*conditions).order_by(_LAST_SEEN, Tracklet.id)
+                             .limit(limit)).all()
+            clips: dict[int, list[tuple[float, np.ndarray]]] = {}
+            ids = [row[0] for row in rows]
+            for start in range(0, len(ids), 500):
+                for tracklet_id, when, blob, dtype, dim in s.execute(
+                        select(Clip.tracklet_id, _CLIP_START, Clip.descriptor,
+                               Clip.descriptor_dtype, Clip.descriptor_dim)
+                        .where(Clip.tracklet_id.in_(ids[start:start + 500]),
+                               Clip.model_id == model_id).order_by(Clip.id)):
+                    clips.setdefault(tracklet_id, []).append(
+                        (float(when), decode_descriptor(blob, dtype, dim)))
+        return [UnlinkedTracklet(tracklet_id, camera_id, float(first), float(last),
+                                 np.stack([d for _, d in clips[tracklet_id]]),
+                                 np.asarray([t for t, _ in clips[tracklet_id]]))
+                for tracklet_id, camera_id, first, last in rows]
+
     def get_identity(self, identity_id: int) -> IdentityRecord | None:
         with self._read() as s:
             identity = s.get(Identity, identity_id)
@@ -957,8 +1031,12 @@ def _check_version(version: int | None, url: str, *, readonly: bool) -> None:
 
 
 def _prepare_schema(engine: Engine, url: str) -> int:
-    """Create or migrate the schema in one write transaction; returns the resulting version."""
+    """Create or migrate the schema in one write transaction; returns the resulting version.
+    On PostgreSQL under the site's migration lock, so watchers starting together take turns
+    (the second finds the schema current)."""
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            lock_for_migration(conn)  # several watchers of a site may start at once
         version = read_schema_version(conn)
         _check_version(version, url, readonly=False)
         if version is None:

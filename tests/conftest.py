@@ -6,6 +6,7 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,35 @@ def weights() -> Path:
         return find_pose_weights()
     except WeightsNotFoundError as exc:
         pytest.skip(f"no pose weights offline: {exc}")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the whole session (see support.PostgresServer); tests that
+    need one skip, saying why, where it cannot start."""
+    pytest.importorskip("psycopg", reason="psycopg (the `site` extra) is not installed")
+    from support import PostgresServer
+
+    try:
+        server = PostgresServer()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield server
+    server.stop()
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only(reason): inherently SQLite (its file, WAL, pages, file lock); "
+                   "the PostgreSQL case of `db_url` is skipped with the reason")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty database of each kind: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'k.db'}"
+    marker = request.node.get_closest_marker("sqlite_only")
+    if marker is not None:
+        pytest.skip(f"SQLite only: {marker.kwargs.get('reason', '')}")
+    return request.getfixturevalue("postgres").database()

@@ -127,3 +127,81 @@ def wait_for(condition, timeout: float, what: str, process=None) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+
+
+# -- a real PostgreSQL server for the storage and watcher tests -------------------------------
+class PostgresServer:
+    """A throw-away PostgreSQL cluster: `initdb` into a temporary folder, listening on
+    127.0.0.1 only (a free port) with its unix socket in that folder. As root the server
+    binaries run as the `postgres` user (initdb refuses root). `database()` makes a fresh,
+    empty database per test, so tests never see each other's rows."""
+
+    USER = "keyreid"
+
+    def __init__(self) -> None:
+        import itertools
+        import os
+        import shutil
+        import tempfile
+
+        self._bindir = self._find_bindir()
+        self._as_postgres = os.getuid() == 0
+        self.folder = Path(tempfile.mkdtemp(prefix="keyreid-pg-"))
+        if self._as_postgres:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self.data = self.folder / "data"
+        self.port = _free_port()
+        self._names = itertools.count(1)
+        self._run("initdb", "-D", str(self.data), "-U", self.USER, "--auth=trust",
+                  "--no-sync", "-E", "UTF8")
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                   "-c max_connections=200")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"),
+                  "-o", options, "-w", "-t", "60", "start")
+
+    @staticmethod
+    def _find_bindir() -> Path:
+        import shutil
+
+        for candidate in (shutil.which("initdb"), "/usr/lib/postgresql/15/bin/initdb"):
+            if candidate and Path(candidate).exists() and (Path(candidate).parent / "pg_ctl").exists():
+                return Path(candidate).parent
+        raise RuntimeError("initdb not found (install PostgreSQL's server binaries)")
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self._bindir / tool), *args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                cwd=self.folder)
+        if result.returncode:
+            raise RuntimeError(f"{tool} failed ({result.returncode}): "
+                               f"{(result.stderr or result.stdout)[-2000:]}")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://{self.USER}@127.0.0.1:{self.port}/{database}"
+
+    def database(self) -> str:
+        """A new empty database's URL."""
+        import psycopg
+
+        name = f"keyreid_{next(self._names)}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={self.USER} dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        import shutil
+
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
