@@ -1,4 +1,5 @@
-"""One writer, concurrent readers, and crash safety, with real subprocesses."""
+"""One writer per SQLite file, several per PostgreSQL site (one linker), concurrent readers,
+and crash safety, with real subprocesses."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,7 @@ sys.stdin.readline()
 """
 
 
+@pytest.mark.sqlite_only(reason="the single-writer file lock (PostgreSQL takes several writers: below)")
 def test_second_writer_is_refused_while_first_lives(tmp_path):
     url = f"sqlite:///{tmp_path / 'k.db'}"
     holder = _spawn(HOLD_LOCK, url)
@@ -61,6 +63,7 @@ def test_second_writer_is_refused_while_first_lives(tmp_path):
         assert not repo.holds_writer_lock
 
 
+@pytest.mark.sqlite_only(reason="the single-writer file lock")
 def test_writer_lock_within_one_process_and_release_on_close(tmp_path):
     url = f"sqlite:///{tmp_path / 'k.db'}"
     first = open_repository(url)
@@ -85,6 +88,7 @@ sys.stdin.readline()
 """
 
 
+@pytest.mark.sqlite_only(reason="SQLite's WAL snapshot beside a raw sqlite3 writer")
 def test_reader_reads_while_another_process_holds_a_write_transaction(tmp_path):
     path = tmp_path / "k.db"
     with open_repository(f"sqlite:///{path}") as writer:
@@ -107,6 +111,7 @@ def test_reader_reads_while_another_process_holds_a_write_transaction(tmp_path):
         writer_proc.wait()
 
 
+@pytest.mark.sqlite_only(reason="SQLite's WAL snapshot beside a raw sqlite3 reader")
 def test_writer_is_not_blocked_by_an_open_read_transaction(tmp_path):
     path = tmp_path / "k.db"
     with open_repository(f"sqlite:///{path}") as writer:
@@ -145,9 +150,8 @@ while True:
 """
 
 
-def test_kill_9_mid_write_loses_nothing_committed(tmp_path):
-    path = tmp_path / "k.db"
-    url = f"sqlite:///{path}"
+def test_kill_9_mid_write_loses_nothing_committed(db_url):
+    url = db_url
     proc = _spawn(WRITE_LOOP, url)
     reported: list[int] = []
     try:
@@ -160,7 +164,8 @@ def test_kill_9_mid_write_loses_nothing_committed(tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     with open_repository(url) as repo:
-        assert repo.integrity_check() == ["ok"]
+        if repo.is_sqlite:
+            assert repo.integrity_check() == ["ok"]
         (tracklet,) = repo.list_tracklets()
         stored = {c.id for c in repo.tracklet_clips(tracklet.id)}
         assert set(reported) <= stored
@@ -176,3 +181,117 @@ def test_in_memory_database_is_refused():
     """Other processes (the dashboard) could never see it, and it could not be locked."""
     with pytest.raises(StorageError, match="in-memory"):
         open_repository("sqlite:///:memory:")
+
+
+# -- PostgreSQL: several watchers of one site ---------------------------------------------------
+SITE_WRITER = """
+import sys
+import numpy as np
+from storage import NewClip, open_repository
+url, camera, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+repo = open_repository(url)
+repo.acquire_writer("site-test")
+run = repo.start_run({"camera": camera})
+repo.upsert_camera(camera)
+print("linker" if repo.claim_linker() else "stores only", flush=True)
+rng = np.random.default_rng(0)
+for track in range(count):
+    tracklet = repo.add_tracklet(run, camera, track, 0, float(track))
+    ids = repo.add_clips([NewClip(tracklet, [0, 1, 2, 3], 0.0, 1.0,
+                                  rng.standard_normal(64).astype(np.float32), "m")
+                          for _ in range(3)])
+    repo.update_tracklet(tracklet, last_frame=3, finished=True)
+    print(tracklet, *ids, flush=True)
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _site_writer(url: str, camera: str, count: int) -> subprocess.Popen:
+    return _spawn(SITE_WRITER, url, camera, str(count))
+
+
+def _lines_until_done(proc: subprocess.Popen) -> list[list[int]]:
+    rows = []
+    for line in proc.stdout:
+        if line.strip() == "done":
+            return rows
+        rows.append([int(x) for x in line.split()])
+    raise AssertionError(f"writer died: {proc.stderr.read()}")
+
+
+def test_several_writers_share_a_postgresql_site_and_exactly_one_links(postgres):
+    """Three processes write one database at once (a fresh one: they also create its schema
+    together, under the migration lock): every tracklet and clip each reported is stored,
+    exactly one of them holds the linker lock, and when it exits another can take it."""
+    url = postgres.database()
+    writers = [_site_writer(url, f"cam-{i}", 40) for i in range(3)]
+    try:
+        roles = [proc.stdout.readline().strip() for proc in writers]
+        assert sorted(roles) == ["linker", "stores only", "stores only"], \
+            [proc.stderr.read() for proc in writers if proc.poll() is not None]
+        reported = [_lines_until_done(proc) for proc in writers]
+        with open_repository(url) as repo:
+            assert repo.stats().tracklets == 120 and repo.stats().clips == 360
+            for i, rows in enumerate(reported):
+                stored = {t.id for t in repo.list_tracklets(camera_ids=[f"cam-{i}"])}
+                assert stored == {row[0] for row in rows}
+                for tracklet, *clips in rows:
+                    assert [c.id for c in repo.tracklet_clips(tracklet)] == clips
+            repo.acquire_writer("observer")
+            assert not repo.claim_linker()  # the linker still lives
+            assert repo.other_writers_alive(run_id=0)
+            linker = writers[roles.index("linker")]
+            linker.kill()
+            linker.wait()
+            deadline = time.monotonic() + 10
+            while not repo.claim_linker():  # the server drops the dead session's locks
+                assert time.monotonic() < deadline, "the linker lock was not released"
+                time.sleep(0.1)
+            assert repo.claim_linker()  # held: asking again keeps it
+    finally:
+        for proc in writers:
+            proc.kill()
+            proc.wait()
+
+
+def test_repair_on_postgresql_leaves_live_watchers_alone(postgres):
+    url = postgres.database()
+    live = _site_writer(url, "live", 1)
+    try:
+        assert live.stdout.readline().strip() == "linker"
+        _lines_until_done(live)
+        with open_repository(url) as repo:
+            live_run = repo.list_runs()[0].id
+            repo.upsert_camera("ghost")
+            dead_run = repo.start_run({})  # no writer lock: nobody holds this run alive
+            repo.add_tracklet(dead_run, "ghost", 1, 0, 0.0)
+            repo.add_tracklet(live_run, "live", 99, 0, 0.0)  # open, but its watcher lives
+            repo.acquire_writer("restarted")
+            report = repo.repair(repo.start_run({}))
+            assert (report.runs_aborted, report.tracklets_closed) == (1, 1)
+            runs = {r.id: r.status for r in repo.list_runs()}
+            assert runs[live_run] == "running" and runs[dead_run].startswith("aborted")
+            assert repo.list_tracklets(run_id=dead_run)[0].finished
+            assert [t.finished for t in repo.list_tracklets(camera_ids=["live"])
+                    if t.track_id == 99] == [False]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_unreachable_server_is_named_and_its_password_hidden(postgres):
+    url = f"postgresql+psycopg://keyreid:s3cret@127.0.0.1:{_closed_port()}/keyreid"
+    with pytest.raises(StorageError) as err:
+        open_repository(url)
+    message = str(err.value)
+    assert "s3cret" not in message and "***" in message
+    assert "cannot open database" in message and "refused" in message.lower()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -13,8 +13,8 @@ SURE = {"reason": "confidently nobody known (false link 0.001)"}
 
 
 @pytest.fixture
-def repo(tmp_path):
-    with open_repository(f"sqlite:///{tmp_path / 'k.db'}") as r:
+def repo(db_url):
+    with open_repository(db_url) as r:
         r.upsert_camera("a")
         r.upsert_camera("b")
         yield r
