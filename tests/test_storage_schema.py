@@ -246,3 +246,125 @@ def test_storage_imports_neither_torch_nor_other_project_folders():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+# -- the same schema and migrations on PostgreSQL -----------------------------------------------
+def _pg(url: str, *statements: str) -> None:
+    """Run raw statements on a PostgreSQL database (what an older release left behind)."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def _pg_set_version(url: str, version: int) -> None:
+    _pg(url, f"UPDATE schema_meta SET value = '{version}' WHERE key = 'schema_version'")
+
+
+def _pg_as_v2(url: str) -> None:
+    _pg(url, "ALTER TABLE link_decisions DROP CONSTRAINT ck_link_kind",
+        "ALTER TABLE link_decisions ADD CONSTRAINT ck_link_kind CHECK "
+        "(kind IN ('new', 'linked', 'merged', 'split'))")
+    _pg_set_version(url, 2)
+
+
+def _pg_v1_database(url: str) -> None:
+    open_repository(url).close()
+    _pg_as_v2(url)
+    _pg(url, *[f"DROP INDEX {index}" for index in ("ix_tracklets_created",
+                                                   "ix_identities_merged_into",
+                                                   "ix_link_decisions_candidate")],
+        *[f"ALTER TABLE {table} DROP COLUMN {column}"
+          for table, columns in V2_COLUMNS.items() for column in columns])
+    _pg_set_version(url, 1)
+
+
+def _pg_columns(url: str) -> dict[str, set[str]]:
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        inspector = inspect(engine)
+        return {table: {c["name"] for c in inspector.get_columns(table)}
+                for table in inspector.get_table_names()}
+    finally:
+        engine.dispose()
+
+
+def test_fresh_postgresql_database_gets_current_schema_with_bytea_descriptors(postgres):
+    from sqlalchemy import create_engine, inspect
+
+    url = postgres.database()
+    with open_repository(url) as repo:
+        assert repo.schema_version == SCHEMA_VERSION and not repo.is_sqlite
+    engine = create_engine(url)
+    try:
+        clips = {c["name"]: c["type"] for c in inspect(engine).get_columns("clips")}
+        assert clips["descriptor"].__visit_name__.upper() == "BYTEA"
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT value FROM schema_meta").scalar() == \
+                str(SCHEMA_VERSION)
+    finally:
+        engine.dispose()
+    with open_repository(url, readonly=True) as reader:
+        assert reader.stats().cameras == 0
+
+
+def test_postgresql_v1_database_is_migrated_and_a_reader_never_migrates(postgres):
+    url = postgres.database()
+    _pg_v1_database(url)
+    _pg(url, "INSERT INTO cameras (id, name, source, frames_processed, created_at) "
+             "VALUES ('a', 'Gate', '/v.avi', 3, now())")
+    with pytest.raises(StorageError, match=f"schema version 1, this program needs {SCHEMA_VERSION}"):
+        open_repository(url, readonly=True)
+    assert "status_reason" not in _pg_columns(url)["cameras"]  # the reader left it alone
+    with open_repository(url) as repo:
+        assert repo.schema_version == SCHEMA_VERSION
+        (camera,) = repo.list_cameras()
+        assert (camera.name, camera.frames_processed, camera.restarts) == ("Gate", 3, 0)
+        run = repo.start_run({})
+        first = repo.add_tracklet(run, "a", 1, 0, 0.0, first_wall_time=1.8e9)
+        second = repo.add_tracklet(run, "a", 2, 0, 0.0)
+        identity = repo.open_identity(first)
+        repo.reject_link(second, identity)  # v3's kinds
+        assert repo.get_tracklet(first).first_wall_time == 1.8e9
+    columns = _pg_columns(url)
+    for table, names in V2_COLUMNS.items():
+        assert set(names) <= columns[table]
+
+
+def test_postgresql_failed_migration_rolls_back_and_newer_schema_is_refused(postgres,
+                                                                            monkeypatch):
+    url = postgres.database()
+    _pg_v1_database(url)
+
+    def half_done(conn) -> None:
+        conn.execute(text("ALTER TABLE cameras ADD COLUMN location TEXT"))
+        raise RuntimeError("disk on fire")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(repository_module, "MIGRATIONS",
+                      (Migration(2, "broken", half_done), Migration(3, "fine", lambda c: None)))
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            open_repository(url)
+    assert "location" not in _pg_columns(url)["cameras"]
+    open_repository(url).close()  # the real migrations
+    _pg_set_version(url, SCHEMA_VERSION + 1)
+    for readonly in (False, True):
+        with pytest.raises(SchemaTooNewError, match=f"schema version {SCHEMA_VERSION + 1}"):
+            open_repository(url, readonly=readonly)
+
+
+def test_postgresql_foreign_database_and_missing_schema_are_refused(postgres):
+    url = postgres.database()
+    with pytest.raises(StorageError, match="no keyreid schema yet"):
+        open_repository(url, readonly=True)
+    _pg(url, "CREATE TABLE cameras (id TEXT)")
+    with pytest.raises(StorageError, match=r"has tables \['cameras'\] but no keyreid schema"):
+        open_repository(url)
+    assert validate_database_url("postgresql+psycopg://u@127.0.0.1/") is not None
