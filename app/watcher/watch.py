@@ -1,6 +1,6 @@
 """`keyreid-watch`: watch many cameras, store person clips and descriptors, link people across cameras.
 
-The main process is the database's single writer and hosts the encoder service; each camera
+The main process is the database's writer for its cameras and hosts the encoder service; each camera
 runs in its own worker process (`app.watcher.worker`), read by a thread of its own so that no worker,
 even one killed half-way through a message, can block the main loop. The promises, in order:
 
@@ -13,6 +13,11 @@ even one killed half-way through a message, can block the main loop. The promise
 - The service stays up and says what is wrong: statuses (starting / running / reconnecting /
   failed / finished / stopped, with reasons) are written every few seconds, and a restart
   repairs what a crash left (open tracklets, identities without members).
+- One linker per site: a SQLite file has one watcher, which links. A PostgreSQL database may
+  have several (each with its own cameras): the one holding the site's linker lock links the
+  finished tracklets of all of them, taken from the database in the order they ended; the
+  others store only, and one of them takes the lock over when that watcher stops. A tracklet
+  is marked finished only once every clip of it is stored, so the linker never sees half of one.
 
 Exit codes: 0 every camera finished (or the watcher was stopped by Ctrl-C / SIGTERM / --duration),
 1 at least one camera failed (the others still ran to the end), 2 invalid configuration or
@@ -41,6 +46,7 @@ from storage import (
     Repository,
     StorageError,
     StorageUnavailableError,
+    UnlinkedTracklet,
     open_repository,
 )
 from storage.similarity import unit
@@ -55,7 +61,9 @@ DB_STATUS_INTERVAL_S = 2.0
 LOG_STATUS_INTERVAL_S = 10.0
 DEATH_GRACE_S = 1.0  # after a worker dies, how long its last complete messages may take to arrive
 RETENTION_SLICE_S = 2.0  # at most this long per retention call (it resumes at the next)
-RELINK_INTERVAL_S = 1.0  # pending tracklets are re-decided this often
+RELINK_INTERVAL_S = 1.0  # pending tracklets are re-decided (and finished ones fetched) this often
+LINKER_CLAIM_INTERVAL_S = 2.0  # a watcher that does not link tries to take the linker lock this often
+LINK_BATCH = 500  # finished tracklets fetched from the database per linking pass
 CALIBRATION_INTERVAL_S = 10.0  # the linker's separation is stored this often
 CALIBRATION_SAMPLES_KEPT = 2000  # recent labels per class stored with it, for the next run
 
@@ -265,17 +273,12 @@ class Watcher:
         self.encoder = EncoderService(config.reid)
         self._report_camera_statistics()
         self.tracklets: dict[tuple[str, int], _Tracklet] = {}
-        linking = config.linking
-        linker_config = LinkerConfig(target_false_link=linking.target_false_link,
-                                     margin=linking.margin, mutual=linking.mutual,
-                                     time_window=linking.time_window,
-                                     transit_prior=linking.transit_prior)
-        self.linker = Linker(linker_config, record=self._record_decision,
-                             calibrator=self._earlier_calibration(linker_config))
-        if linking.enabled and not self.start_over:
-            self._continue_identities()
-        self.last_relink = self.last_calibration = 0.0
-        self.last_operator_change = repo.last_decision_id()
+        # Set while this watcher is the site's linker (`_claim_linking`); None: it stores only.
+        self.linker: Linker | None = None
+        self.own_finished: dict[int, TrackletSummary] = {}  # exact descriptors, until linked
+        self.storing_only_said = False
+        self.last_relink = self.last_calibration = self.last_claim = 0.0
+        self.last_operator_change = 0
         self.spool: deque[_Write] = deque()
         self.drained_at: float | None = None  # time.monotonic() when the last result was handled
         self.spool_clips = 0
@@ -286,6 +289,7 @@ class Watcher:
         self.counts = {"tracklets": 0, "clips": 0, "linked": 0, "identities": 0,
                        "set_aside": 0, "dropped_writes": 0}
         self.timing = {"store": 0.0, "link": 0.0}
+        self._claim_linking()
 
     def _spawn(self, camera: _Camera) -> None:
         settings = replace(camera.settings, first_track_number=camera.max_track)
@@ -331,7 +335,11 @@ class Watcher:
                         self.encoder.due(now)
                         or (self.encoder.backlog and (not running or stopping_since))):
                     progressed = self._encode_and_store() or progressed
+                self._finish_stored()
                 self._flush_spool(now)
+                if self.linker is None and now - self.last_claim >= LINKER_CLAIM_INTERVAL_S:
+                    self.last_claim = now
+                    self._claim_linking()
                 if not self.spool:
                     self._link_ready()
                 if not running and not self.encoder.backlog and not self.spool:
@@ -430,15 +438,13 @@ class Watcher:
                 t.db_id = repo.add_tracklet(
                     self.run_id, u.camera_id, u.track_id, u.first_frame, u.first_time,
                     last_frame=u.last_frame, last_time=u.last_time, thumbnail=thumb,
-                    finished=u.ended, first_wall_time=u.first_wall_time,
-                    last_wall_time=u.last_wall_time)
+                    first_wall_time=u.first_wall_time, last_wall_time=u.last_wall_time)
             self._spool(_Write(f"tracklet {update.camera_id}/{update.track_id}", add))
         else:
             def extend(repo: Repository, t=tracklet, u=update, thumb=thumbnail) -> None:
                 if t.db_id is not None:
                     repo.update_tracklet(t.db_id, last_frame=u.last_frame, last_time=u.last_time,
-                                         thumbnail=thumb, finished=u.ended,
-                                         last_wall_time=u.last_wall_time)
+                                         thumbnail=thumb, last_wall_time=u.last_wall_time)
             self._spool(_Write(f"tracklet {update.camera_id}/{update.track_id}", extend))
         tracklet.last_time = update.last_wall_time
         tracklet.ended = tracklet.ended or update.ended
@@ -645,33 +651,110 @@ class Watcher:
             self.repo.confirm_link(tracklet_id, identity_id,
                                    note="operator's confirmation applied again by the watcher")
 
-    def _link_ready(self, final: bool = False) -> None:
-        """Hand tracklets that ended, with every clip stored, to the linker (all remaining ones
-        when final); it decides them now or keeps them pending, and is asked again every second
-        so that pending ones are re-decided as evidence arrives. At the end, what is still
-        pending opens identities of its own."""
-        if self.db_error is not None or not self.config.linking.enabled:
+    def _claim_linking(self) -> None:
+        """Become the site's linker if no other watcher is (on SQLite at once: its one writer
+        links). The linker starts from what the database knows: the labels of the newest
+        earlier run of the model, the identities seen within the time window, the operator's
+        decisions from now on. Until then this watcher stores only, and says so once."""
+        if not self.config.linking.enabled or self.linker is not None:
             return
-        ready = [(key, t) for key, t in self.tracklets.items()
-                 if (t.ended or final) and t.pending == 0 and t.db_id is not None]
-        now = time.monotonic()
-        if not ready and not final and (not self.linker.pending_keys()
-                                        or now - self.last_relink < RELINK_INTERVAL_S):
+        try:
+            claimed = self.repo.claim_linker()
+            if not claimed:
+                if not self.storing_only_said:
+                    LOG.info("another watcher links this site's tracklets (it holds the linker "
+                             "lock of %s): this watcher stores only, and takes linking over if "
+                             "that one stops", self.repo.url)
+                    self.storing_only_said = True
+                return
+            linking = self.config.linking
+            config = LinkerConfig(target_false_link=linking.target_false_link,
+                                  margin=linking.margin, mutual=linking.mutual,
+                                  time_window=linking.time_window,
+                                  transit_prior=linking.transit_prior)
+            linker = Linker(config, record=self._record_decision,
+                            calibrator=self._earlier_calibration(config))
+            self.linker = linker
+            if not self.start_over:
+                self._continue_identities()
+            self.last_operator_change = self.repo.last_decision_id()
+        except StorageUnavailableError as exc:
+            self.linker = None
+            self._database_unavailable(str(exc), time.monotonic())
             return
-        self.last_relink = now
-        summaries = []
-        for key, tracklet in ready:
-            del self.tracklets[key]  # from here on the linker holds it until it is decided
-            if tracklet.descriptors:
-                summaries.append(TrackletSummary.from_clips(
+        if self.storing_only_said:
+            LOG.warning("this watcher takes over linking the site's tracklets (the watcher "
+                        "that linked them stopped)")
+        elif not self.repo.is_sqlite:
+            LOG.info("this watcher links the site's tracklets, its own and other watchers' "
+                     "(it holds the linker lock of %s)", self.repo.url)
+
+    def _finish_stored(self, final: bool = False) -> None:
+        """Mark a tracklet finished once it ended and every clip of it is stored (or set
+        aside): only then is it complete in the database, where the site's linker takes it
+        from. At the end of the run every tracklet with nothing in flight is finished. The
+        linker of this watcher keeps its own tracklets' exact descriptors for that moment."""
+        for key, tracklet in list(self.tracklets.items()):
+            if not (tracklet.ended or final) or tracklet.pending or tracklet.db_id is None:
+                continue
+            del self.tracklets[key]
+            if self.linker is not None and tracklet.descriptors:
+                self.own_finished[tracklet.db_id] = TrackletSummary.from_clips(
                     tracklet.db_id, tracklet.camera_id, np.stack(tracklet.descriptors),
                     tracklet.clip_times, first_time=tracklet.first_time,
-                    last_time=tracklet.last_time))
-        try:
+                    last_time=tracklet.last_time)
+
+            def finish(repo: Repository, t=tracklet) -> None:
+                repo.update_tracklet(t.db_id, finished=True, end_reason=t.end_reason)
+            self._spool(_Write(f"tracklet {tracklet.camera_id}/{tracklet.track_id} finished",
+                               finish))
+
+    def _summary(self, row: UnlinkedTracklet) -> TrackletSummary:
+        """What the linker needs of a finished tracklet: this watcher's own exact descriptors
+        when it has them, else (another watcher's) as stored."""
+        own = self.own_finished.pop(row.tracklet_id, None)
+        if own is not None:
+            return own
+        return TrackletSummary.from_clips(row.tracklet_id, row.camera_id, row.clips,
+                                          row.clip_times, first_time=row.first_time,
+                                          last_time=row.last_time)
+
+    def _link_pass(self, final: bool) -> None:
+        """Fetch finished tracklets no identity holds yet (every watcher's, in the order they
+        ended), apply the operator's decisions, and let the linker decide them and re-decide
+        its pending ones. At the end of a run what is still pending opens identities of its
+        own, unless another watcher of the site is alive to take linking over."""
+        window = self.config.linking.time_window
+        since = None if window is None else time.time() - window
+        while True:
+            rows = self.repo.tracklets_to_link(self.encoder.model_id, since=since,
+                                               exclude=self.linker.pending_keys(),
+                                               limit=LINK_BATCH)
             self._sync_operator_changes()
-            self.linker.link(summaries, now=time.time())
-            if final:
-                self.linker.flush()
+            self.linker.link([self._summary(row) for row in rows], now=time.time())
+            if len(rows) < LINK_BATCH or not final:
+                break
+        if final and not self.repo.other_writers_alive(self.run_id):
+            self.linker.flush()
+
+    def _link_ready(self, final: bool = False) -> None:
+        """Link every second (and once more at the end): pending tracklets are re-decided as
+        evidence arrives. A watcher that lost the linker lock (its connection broke) stops
+        linking; what it held is still unlinked in the database for the next linker."""
+        if self.db_error is not None or self.linker is None:
+            return
+        now = time.monotonic()
+        if not final and now - self.last_relink < RELINK_INTERVAL_S:
+            return
+        self.last_relink = now
+        try:
+            if not self.repo.claim_linker():
+                LOG.error("this watcher lost the site's linker lock (its database connection "
+                          "broke): it stores only from now on; another watcher links")
+                self.linker, self.storing_only_said = None, True
+                self.own_finished.clear()
+                return
+            self._link_pass(final)
         except StorageUnavailableError as exc:
             self._database_unavailable(str(exc), time.monotonic())
         except StorageError as exc:  # e.g. a merge raced us: resync and retry next time
@@ -735,16 +818,11 @@ class Watcher:
                         supervision.restart_window)
 
     def _close_tracklets(self, camera_id: str, reason: str) -> None:
-        """The tracklets a dead worker left open end here (their stored clips are kept)."""
+        """The tracklets a dead worker left open end here (their stored clips are kept); each
+        is finished, with the reason, once its clips in flight are stored (`_finish_stored`)."""
         for tracklet in self.tracklets.values():
-            if tracklet.camera_id != camera_id or tracklet.ended:
-                continue
-            tracklet.ended, tracklet.end_reason = True, reason
-
-            def close(repo: Repository, t=tracklet) -> None:
-                if t.db_id is not None:
-                    repo.update_tracklet(t.db_id, finished=True, end_reason=t.end_reason)
-            self._spool(_Write(f"tracklet {camera_id}/{tracklet.track_id}", close))
+            if tracklet.camera_id == camera_id and not tracklet.ended:
+                tracklet.ended, tracklet.end_reason = True, reason
 
     def _restart_due(self, now: float) -> None:
         for camera in self.cameras.values():
@@ -812,8 +890,9 @@ class Watcher:
         except StorageUnavailableError as exc:
             self._database_unavailable(str(exc), time.monotonic())
             return
-        for identity_id in report.deleted_identity_ids:
-            self.linker.remove_identity(identity_id)
+        if self.linker is not None:
+            for identity_id in report.deleted_identity_ids:
+                self.linker.remove_identity(identity_id)
         if report.tracklets_deleted:
             LOG.info("retention: deleted %d tracklets, %d clips, %d identities; database %.1f "
                      "-> %.1f MB%s", report.tracklets_deleted, report.clips_deleted,
@@ -839,10 +918,14 @@ class Watcher:
         rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
         line = (" | ".join(parts) + f" | encoder: queue {self.encoder.backlog}, {rate:.1f} clips/s"
                 f" | identities {self.counts['identities']}")
-        separation = self.linker.separation()
-        line += (f" | linker: {len(self.linker.pending_keys())} pending, "
-                 + (f"AUC {separation.auc:.2f}" if separation.auc is not None
-                    else "not calibrated yet"))
+        if self.linker is None:
+            line += (" | linker: another watcher links" if self.config.linking.enabled
+                     else " | linking off")
+        else:
+            separation = self.linker.separation()
+            line += (f" | linker: {len(self.linker.pending_keys())} pending, "
+                     + (f"AUC {separation.auc:.2f}" if separation.auc is not None
+                        else "not calibrated yet"))
         if self.counts["set_aside"]:
             line += f" | {self.counts['set_aside']} clips set aside (not finite)"
         if self.spool or self.db_error:
@@ -854,6 +937,7 @@ class Watcher:
         """Link what is left, store final statuses and close the run: each step attempted even
         when an earlier one failed, so the run never stays "running"."""
         try:
+            self._finish_stored(final=True)
             self._flush_spool(time.monotonic(), now_or_never=True)
             if not self.spool:
                 self._link_ready(final=True)
@@ -892,7 +976,8 @@ class Watcher:
             finished_at=time.monotonic(),
             model_id=self.encoder.model_id, dim=self.encoder.dim, exit_code=exit_code,
             set_aside=self.counts["set_aside"], lost_writes=len(self.spool),
-            repaired=str(self.repair_report), separation=str(self.linker.separation()))
+            repaired=str(self.repair_report),
+            separation="" if self.linker is None else str(self.linker.separation()))
 
 
 def format_summary(summary: WatchSummary) -> str:
