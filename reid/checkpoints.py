@@ -31,11 +31,19 @@ def checkpoint_payload(model: KeyReID, name: str, **extra: Any) -> dict[str, Any
 
 
 def save_checkpoint(model: KeyReID, path: str | Path, name: str, **extra: Any) -> Path:
+    return write_checkpoint(checkpoint_payload(model, name, **extra), path)
+
+
+def write_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write a payload (`checkpoint_payload`, or `read_checkpoint`'s with keys added, as
+    `training.project` adds a projection) atomically: a crash never leaves a half-written file."""
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a keyreid checkpoint payload (no '{CHECKPOINT_FORMAT}' format marker)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(checkpoint_payload(model, name, **extra), temporary)
-    temporary.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+    torch.save(payload, temporary)
+    temporary.replace(path)
     return path
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from .checkpoints import file_digest, load_model
 from .normalisation import CROSS_GENUINE_KEY, PAYLOAD_KEY, CameraNormalisation
+from .projection import PAYLOAD_KEY as PROJECTION_KEY
+from .projection import Projection, needs_projection
 from .registry import build_model
 
 if TYPE_CHECKING:
@@ -99,6 +101,11 @@ class Encoder:
     descriptor by its camera's statistics (`camera_normalisation`, None otherwise), and the
     distances of its mined cross-camera associations (`cross_camera_genuine`), which the
     watcher's linker takes as cross-camera genuine labels.
+    `compact` (default): descriptors are projected to `reid.projection.COMPACT_DIM` (2 KiB per
+    clip in storage's float16) after that normalisation, by the checkpoint's fitted PCA
+    (`training.project`) or, without one, a fixed seeded random projection; `model_id` names
+    the projection. `compact=False` gives the full descriptor (evaluation, comparison, fitting
+    a projection), under the id the full descriptor always had.
     """
 
     def __init__(
@@ -111,14 +118,18 @@ class Encoder:
         runtime: str = "torch",
         threads: int | None = None,
         export_dir: str | Path | None = None,
+        compact: bool = True,
         **overrides,
     ) -> None:
         self.device = _resolve_device(device)
         self.runtime, self.runtime_reason = resolve_runtime(runtime, self.device, precision)
         self.camera_normalisation: CameraNormalisation | None = None
         self.cross_camera_genuine: np.ndarray | None = None
+        fitted: Projection | None = None
         if checkpoint is not None:
             network, payload = load_model(checkpoint)
+            if payload.get(PROJECTION_KEY) is not None:
+                fitted = Projection.from_payload(payload[PROJECTION_KEY])
             if payload.get(PAYLOAD_KEY) is not None:
                 self.camera_normalisation = CameraNormalisation.from_payload(payload[PAYLOAD_KEY])
             if payload.get(CROSS_GENUINE_KEY) is not None:
@@ -141,6 +152,9 @@ class Encoder:
                 "not re-identify people. Train one with `python -m training.train` and pass it as a checkpoint.\n%s",
                 "!" * 78, model, "!" * 78,
             )
+        self.projection = self._projection(network.descriptor_dim, fitted) if compact else None
+        if self.projection is not None:
+            self.model_id += f"+{self.projection.tag}"
         self.model = network.to(self.device).eval()
         self.config = network.config
         self.batch_size = batch_size
@@ -151,6 +165,17 @@ class Encoder:
         log.info("encoder: %s", self.runtime_reason)
         self._mean = torch.tensor(self.config.mean).view(1, 1, 3, 1, 1)
         self._std = torch.tensor(self.config.std).view(1, 1, 3, 1, 1)
+
+    @staticmethod
+    def _projection(full_dim: int, fitted: Projection | None) -> Projection | None:
+        """The checkpoint's fitted projection, else the seeded random one (None at or below the
+        compact size: nothing to gain)."""
+        if fitted is not None:
+            if fitted.input_dim != full_dim:
+                raise ValueError(f"the checkpoint's projection takes {fitted.input_dim}-d descriptors but its "
+                                 f"model makes {full_dim}-d ones: refit it (`python -m training.project`)")
+            return fitted
+        return Projection.random(full_dim) if needs_projection(full_dim) else None
 
     def _autocast_dtype(self, precision: str) -> torch.dtype | None:
         choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -181,6 +206,12 @@ class Encoder:
 
     @property
     def dim(self) -> int:
+        """The dimension `encode` returns (projected when `compact`)."""
+        return self.full_dim if self.projection is None else self.projection.dim
+
+    @property
+    def full_dim(self) -> int:
+        """The model's own descriptor dimension (what `encode_tensors` returns)."""
         return self.model.descriptor_dim
 
     @property
@@ -215,7 +246,8 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_tensors(self, images: torch.Tensor, keypoints: torch.Tensor, camera_ids: torch.Tensor) -> np.ndarray:
-        """The batched accelerator step on preprocessed clips."""
+        """The batched accelerator step on preprocessed clips: full `[N, full_dim]` descriptors
+        (`encode` then normalises and projects them)."""
         if self.runner is not None:
             return self._encode_exported(images, keypoints, camera_ids)
         outputs = []
@@ -228,7 +260,7 @@ class Encoder:
                 descriptors = self.model.descriptor(self.model(batch, points, cams))
             outputs.append(descriptors.float().cpu())
         if not outputs:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.full_dim), dtype=np.float32)
         return torch.cat(outputs).numpy()
 
     def _encode_exported(self, images: torch.Tensor, keypoints: torch.Tensor, camera_ids: torch.Tensor) -> np.ndarray:
@@ -239,7 +271,7 @@ class Encoder:
                                camera_ids[start:start + self.batch_size].numpy())
                    for start in range(0, images.shape[0], self.batch_size)]
         if not outputs:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.full_dim), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
     def encode(self, frames: np.ndarray, keypoints: np.ndarray | None, camera_ids: np.ndarray | list[int] | None = None,
@@ -259,4 +291,8 @@ class Encoder:
         descriptors = self.encode_tensors(images, points, cams)
         if self.camera_normalisation is not None:
             descriptors = self.camera_normalisation.apply(descriptors, cameras)
+        if self.projection is not None:
+            # in numpy for torch and the exported runtimes alike: it follows the per-camera
+            # statistics, which are applied here by camera name, outside any graph
+            descriptors = self.projection.apply(descriptors)
         return descriptors

@@ -28,10 +28,11 @@ def test_untrained_encoder_says_so_loudly_and_is_reproducible(caplog):
         first = reid.Encoder(model="keyreid_vit_tiny", device="cpu", **TINY)
     assert "UNTRAINED" in caplog.text
     assert not first.trained
-    assert re.fullmatch(r"keyreid_vit_tiny\[depth=2,img_size=\(64,32\)\]@untrained-seed0-[0-9a-f]{12}",
-                        first.model_id)
+    # the compact descriptor's id names its (seeded random) projection: reid.projection
+    assert re.fullmatch(r"keyreid_vit_tiny\[depth=2,img_size=\(64,32\)\]@untrained-seed0-[0-9a-f]{12}"
+                        r"\+rand1024s0v1", first.model_id)
     default = reid.Encoder(device="cpu").model_id
-    assert re.fullmatch(r"keyreid_vit_tiny@untrained-seed0-[0-9a-f]{12}", default)
+    assert re.fullmatch(r"keyreid_vit_tiny@untrained-seed0-[0-9a-f]{12}\+rand1024s0v1", default)
     # a changed default that alters the descriptors changes the id, so stores never mix them
     assert reid.Encoder(device="cpu", part_scale="k").model_id.split("-")[-1] \
         != default.split("-")[-1]
@@ -57,8 +58,10 @@ def test_checkpoint_round_trip_gives_identical_descriptors(tmp_path):
     reference = model.eval()
     images, points = first.preprocess(frames, keypoints)
     with torch.no_grad():
-        expected = reference.descriptor(reference(images, points, torch.full((3,), -1)))
-    np.testing.assert_allclose(first.encode(frames, keypoints), expected.numpy(), rtol=1e-4, atol=1e-5)
+        expected = reference.descriptor(reference(images, points, torch.full((3,), -1))).numpy()
+    np.testing.assert_allclose(reid.Encoder(path, device="cpu", compact=False).encode(frames, keypoints), expected,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(first.encode(frames, keypoints), first.projection.apply(expected), rtol=1e-4, atol=1e-5)
     loaded, payload = load_model(path)
     assert payload["epoch"] == 3 and loaded.config == model.config
 
