@@ -18,6 +18,11 @@ WAL is checkpointed. That needs `auto_vacuum = INCREMENTAL`, which `storage/engi
 every new database. A file created before that has `auto_vacuum = NONE`: retention still keeps
 it within budget (freed pages are reused by new rows, so the file stops growing), but it cannot
 shrink until `convert_to_incremental` has rewritten it once.
+
+On PostgreSQL the same deletes run through SQLAlchemy, in the same short batches; only the age
+limit applies there: the server keeps the space of deleted rows for new ones (autovacuum), so
+what a database "would use" is not measured the way it is for a SQLite file, and a size budget
+is refused rather than enforced by guesswork.
 """
 from __future__ import annotations
 
@@ -29,10 +34,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import aliased
 
 from .errors import ReadOnlyError, StorageError, StorageUnavailableError
 from .repository import Repository
+from .schema import Base, Clip, Identity, LinkDecision, Tracklet
 
 AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum values: 0 NONE, 1 FULL, 2 INCREMENTAL
 MAX_BATCH = 10_000  # stays far below SQLite's limit on bound parameters in one IN (...)
@@ -250,6 +258,106 @@ def _reclaim(writes: _Writes, step: int) -> int:
     return reclaimed
 
 
+def _server_bytes(conn: Connection) -> int:
+    """Bytes the schema's tables take on the server (rows, TOAST, indexes)."""
+    return int(sum(conn.execute(select(func.pg_total_relation_size(name))).scalar() or 0
+                   for name in Base.metadata.tables))
+
+
+def _delete_on_server(conn: Connection, ids: Sequence[int],
+                      cutoff: datetime) -> tuple[int, int, int, list[int]]:
+    """`_delete_tracklets` through SQLAlchemy: the chosen tracklets still older than `cutoff`
+    (locked, re-checked in the transaction), their clips and decisions, then the identities
+    this orphaned."""
+    chosen = conn.execute(select(Tracklet.id, Tracklet.identity_id)
+                          .where(Tracklet.id.in_(list(ids)), Tracklet.created_at < cutoff)
+                          .with_for_update()).all()
+    if not chosen:
+        return 0, 0, 0, []
+    tracklet_ids = [row[0] for row in chosen]
+    touched = {row[1] for row in chosen}
+    for identity_id, candidate in conn.execute(
+            select(LinkDecision.identity_id, LinkDecision.candidate_identity_id)
+            .where(LinkDecision.tracklet_id.in_(tracklet_ids))):
+        touched.update((identity_id, candidate))
+    decisions = conn.execute(delete(LinkDecision)
+                             .where(LinkDecision.tracklet_id.in_(tracklet_ids))).rowcount
+    clips = conn.execute(delete(Clip).where(Clip.tracklet_id.in_(tracklet_ids))).rowcount
+    conn.execute(delete(Tracklet).where(Tracklet.id.in_(tracklet_ids)))
+    return (len(tracklet_ids), clips, decisions,
+            _delete_orphans_on_server(conn, {i for i in touched if i is not None}))
+
+
+def _delete_orphans_on_server(conn: Connection, candidates: set[int]) -> list[int]:
+    """`_delete_orphans` through SQLAlchemy (the same rule: see there)."""
+    merged = aliased(Identity)
+    deleted: list[int] = []
+    while candidates:
+        free = list(conn.scalars(select(Identity.id).where(
+            Identity.id.in_(sorted(candidates)),
+            ~select(Tracklet.id).where(Tracklet.identity_id == Identity.id).exists(),
+            ~select(LinkDecision.id).where(LinkDecision.identity_id == Identity.id).exists(),
+            ~select(merged.id).where(merged.merged_into == Identity.id).exists())))
+        if not free:
+            break
+        targets = set(conn.scalars(select(Identity.merged_into).where(
+            Identity.id.in_(free), Identity.merged_into.is_not(None))))
+        conn.execute(update(LinkDecision).where(LinkDecision.candidate_identity_id.in_(free))
+                     .values(candidate_identity_id=None))
+        conn.execute(delete(Identity).where(Identity.id.in_(free)))
+        deleted += free
+        candidates = targets
+    return deleted
+
+
+def _enforce_on_server(repo: Repository, policy: RetentionPolicy, now: datetime | None,
+                       time_budget_s: float | None) -> RetentionReport:
+    """The age limit on a server database (see the module notes), in short batches."""
+    if repo.readonly:
+        raise ReadOnlyError(f"{repo.url} was opened read-only; retention deletes rows")
+    if policy.max_bytes is not None:
+        raise StorageError(f"{repo.url}: a size budget (retention.max_gb) is only measured on "
+                           "SQLite files; on PostgreSQL use max_age_days (the server reuses "
+                           "the space of deleted rows)")
+    started = time.perf_counter()
+    totals = [0, 0, 0]
+    identity_ids: list[int] = []
+    batches, longest, within = 0, 0.0, policy.max_age_days is None
+    try:
+        with repo.engine.connect() as conn:
+            bytes_before = _server_bytes(conn)
+            conn.commit()
+            while not within:
+                cutoff = (now or datetime.now(UTC)) - timedelta(days=policy.max_age_days)
+                if (time_budget_s is not None and batches
+                        and time.perf_counter() - started > time_budget_s):
+                    break
+                ids = list(conn.scalars(select(Tracklet.id).where(Tracklet.created_at < cutoff)
+                                        .order_by(Tracklet.created_at, Tracklet.id)
+                                        .limit(policy.batch_tracklets)))
+                conn.commit()
+                if not ids:
+                    within = True
+                    break
+                start = time.perf_counter()
+                with conn.begin():
+                    tracklets, clips, decisions, identities = _delete_on_server(conn, ids, cutoff)
+                batches += 1
+                longest = max(longest, time.perf_counter() - start)
+                totals = [totals[0] + tracklets, totals[1] + clips, totals[2] + decisions]
+                identity_ids += identities
+            bytes_after = _server_bytes(conn)
+            conn.commit()
+    except OperationalError as exc:  # server gone, deadlock, read-only: retry later
+        raise StorageUnavailableError(f"retention on {repo.url}: {exc.orig or exc}") from exc
+    return RetentionReport(
+        tracklets_deleted=totals[0], clips_deleted=totals[1], decisions_deleted=totals[2],
+        identities_deleted=len(identity_ids), deleted_identity_ids=tuple(identity_ids),
+        bytes_before=bytes_before, bytes_after=bytes_after, pages_reclaimed=0,
+        reclaimable=False, within_budget=within, batches=batches, longest_write_s=longest,
+        seconds=time.perf_counter() - started)
+
+
 def enforce_retention(repo: Repository, policy: RetentionPolicy, *, now: datetime | None = None,
                       time_budget_s: float | None = None) -> RetentionReport:
     """Delete the oldest tracklets (with clips, decisions, orphaned identities) in small batches
@@ -260,8 +368,11 @@ def enforce_retention(repo: Repository, policy: RetentionPolicy, *, now: datetim
     data meanwhile cannot keep it running forever); the age limit applies to all. With
     `time_budget_s` it starts no further batch once that many seconds have passed (one always
     runs; `within_budget` then says whether it got there), so a caller such as the watcher's
-    main loop can spread a large clean-up over many short calls.
+    main loop can spread a large clean-up over many short calls. On PostgreSQL only the age
+    limit applies (see the module notes).
     """
+    if repo.engine.dialect.name != "sqlite":
+        return _enforce_on_server(repo, policy, now, time_budget_s)
     started = time.perf_counter()
     wall = datetime.now(UTC)
     cutoff = None

@@ -78,6 +78,10 @@ def test_valid_file_resolves_paths_relative_to_the_config_and_expands_variables(
     ("queues: {policy: never}\n" + GOOD_CAMERAS, "queues: policy must be one of"),
     ("reid: {model: keyreid_vit_huge}\n" + GOOD_CAMERAS, "reid: unknown model 'keyreid_vit_huge'"),
     ("reid: {checkpoint: missing.pt}\n" + GOOD_CAMERAS, "reid: checkpoint"),
+    ("database: 'postgresql+psycopg://u@127.0.0.1/site'\nretention: {max_gb: 5}\n"
+     + GOOD_CAMERAS, "retention.max_gb: a size budget is measured on SQLite files only"),
+    ("database: 'postgresql+psycopg://u@127.0.0.1/'\n" + GOOD_CAMERAS,
+     "database: database URL 'postgresql+psycopg://u@127.0.0.1/': name the database"),
     ("cameras: []\n", "cameras: give a non-empty list"),
     ("camera:\n  - {id: a, source: v.mkv}\n", "unknown top-level field 'camera'"),
 ])

@@ -1,5 +1,6 @@
 """Retention on real SQLite files: budgets hold, oldest first, the file shrinks, nothing breaks
-for a writer and the dashboard working at the same time."""
+for a writer and the dashboard working at the same time. The age limit and what it deletes
+also on PostgreSQL (the size budget, measured on files, is SQLite's)."""
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ from storage import (
     NewClip,
     ReadOnlyError,
     RetentionPolicy,
+    StorageError,
     enforce_retention,
     open_repository,
 )
@@ -58,8 +60,9 @@ def add_people(repo, run_id: int, count: int, *, first_track: int = 0, finished:
     return ids
 
 
-def new_repo(path: Path):
-    repo = open_repository(f"sqlite:///{path}")
+def new_repo(where: Path | str):
+    """A repository with a run and two cameras: a SQLite file at a path, or a database URL."""
+    repo = open_repository(f"sqlite:///{where}" if isinstance(where, Path) else where)
     run = repo.start_run({"test": "retention"})
     repo.upsert_camera("cam-a", source="a.mp4")
     repo.upsert_camera("cam-b", source="b.mp4")
@@ -80,11 +83,16 @@ def assert_sound(path: Path) -> None:
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
 
 
+def stored_ids(repo) -> list[int]:
+    return sorted(t.id for t in repo.list_tracklets())
+
+
 def tracklet_ids(path: Path) -> list[int]:
     with sqlite3.connect(path) as con:
         return [r[0] for r in con.execute("SELECT id FROM tracklets ORDER BY id")]
 
 
+@pytest.mark.sqlite_only(reason="SQLite's incremental auto-vacuum")
 def test_new_databases_reclaim_space_incrementally(tmp_path):
     repo, _ = new_repo(tmp_path / "k.db")
     repo.close()
@@ -92,6 +100,7 @@ def test_new_databases_reclaim_space_incrementally(tmp_path):
         assert con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
 
 
+@pytest.mark.sqlite_only(reason="a size budget is measured on SQLite files")
 def test_size_budget_deletes_oldest_first_and_the_file_shrinks(tmp_path):
     path = tmp_path / "k.db"
     repo, run = new_repo(path)
@@ -121,6 +130,7 @@ def test_size_budget_deletes_oldest_first_and_the_file_shrinks(tmp_path):
     repo.close()
 
 
+@pytest.mark.sqlite_only(reason="a size budget is measured on SQLite files")
 def test_open_tracklets_are_kept_over_the_size_budget(tmp_path):
     path = tmp_path / "k.db"
     repo, run = new_repo(path)
@@ -133,6 +143,7 @@ def test_open_tracklets_are_kept_over_the_size_budget(tmp_path):
     repo.close()
 
 
+@pytest.mark.sqlite_only(reason="a size budget is measured on SQLite files")
 def test_a_time_budget_spreads_the_work_over_calls(tmp_path):
     path = tmp_path / "k.db"
     repo, run = new_repo(path)
@@ -147,9 +158,8 @@ def test_a_time_budget_spreads_the_work_over_calls(tmp_path):
     repo.close()
 
 
-def test_age_limit_deletes_old_tracklets_finished_or_not(tmp_path):
-    path = tmp_path / "k.db"
-    repo, run = new_repo(path)
+def test_age_limit_deletes_old_tracklets_finished_or_not(db_url):
+    repo, run = new_repo(db_url)
     old = add_people(repo, run, 10) + add_people(repo, run, 5, first_track=10, finished=False)
     time.sleep(0.01)
     boundary = datetime.now(UTC)
@@ -157,19 +167,21 @@ def test_age_limit_deletes_old_tracklets_finished_or_not(tmp_path):
     new = add_people(repo, run, 5, first_track=15, finished=False)
     report = enforce_retention(repo, RetentionPolicy(max_age_days=2, max_bytes=None),
                                now=boundary + timedelta(days=2))
-    assert tracklet_ids(path) == new
+    assert stored_ids(repo) == new
     assert report.tracklets_deleted == len(old) and report.within_budget
+    assert report.clips_deleted == CLIPS_PER_TRACKLET * len(old)
     # The same limit a day earlier keeps everything that is left.
     again = enforce_retention(repo, RetentionPolicy(max_age_days=3, max_bytes=None),
                               now=boundary + timedelta(days=2))
-    assert again.tracklets_deleted == 0 and tracklet_ids(path) == new
-    assert_sound(path)
+    assert again.tracklets_deleted == 0 and stored_ids(repo) == new
+    assert repo.stats().clips == CLIPS_PER_TRACKLET * len(new)
+    if repo.is_sqlite:
+        assert_sound(Path(repo.engine.url.database))
     repo.close()
 
 
-def test_identities_left_without_references_are_removed(tmp_path):
-    path = tmp_path / "k.db"
-    repo, run = new_repo(path)
+def test_identities_left_without_references_are_removed(db_url):
+    repo, run = new_repo(db_url)
     t = add_people(repo, run, 8)  # t[0..4] old, deleted below
     time.sleep(0.01)
     boundary = datetime.now(UTC)
@@ -191,7 +203,7 @@ def test_identities_left_without_references_are_removed(tmp_path):
     fresh = repo.create_identity()  # a linker's identity not yet given its member: untouched
     report = enforce_retention(repo, RetentionPolicy(max_age_days=1, max_bytes=None),
                                now=boundary + timedelta(days=1))
-    assert tracklet_ids(path) == t[8:]
+    assert stored_ids(repo) == t[8:]
     assert sorted(report.deleted_identity_ids) == sorted([gone, merged, chain_a, chain_b])
     assert report.identities_deleted == 4
     for kept in (mixed, keeper, origin, fresh):
@@ -199,10 +211,12 @@ def test_identities_left_without_references_are_removed(tmp_path):
     assert repo.get_identity(mixed).member_count == 1
     decision = [d for d in repo.link_decisions(tracklet_id=t[8])]
     assert [d.candidate_identity_id for d in decision] == [None]
-    assert_sound(path)
+    if repo.is_sqlite:
+        assert_sound(Path(repo.engine.url.database))
     repo.close()
 
 
+@pytest.mark.sqlite_only(reason="SQLite's page and vacuum settings")
 def test_a_file_without_incremental_vacuum_is_bounded_then_converted(tmp_path):
     path = tmp_path / "old.db"
     repo, run = new_repo(path)
@@ -229,11 +243,20 @@ def test_a_file_without_incremental_vacuum_is_bounded_then_converted(tmp_path):
     repo.close()
 
 
-def test_a_readonly_repository_cannot_enforce_retention(tmp_path):
-    repo, run = new_repo(tmp_path / "k.db")
+def test_a_readonly_repository_cannot_enforce_retention(db_url):
+    repo, run = new_repo(db_url)
     add_people(repo, run, 1)
     with open_repository(repo._url, readonly=True) as reader, pytest.raises(ReadOnlyError):
         enforce_retention(reader, RetentionPolicy(max_age_days=1, max_bytes=None))
+    repo.close()
+
+
+def test_a_size_budget_is_refused_on_postgresql(postgres):
+    repo, run = new_repo(postgres.database())
+    add_people(repo, run, 2)
+    with pytest.raises(StorageError, match="size budget .* only measured on SQLite files"):
+        enforce_retention(repo, RetentionPolicy(max_age_days=None, max_bytes=10))
+    assert repo.stats().tracklets == 2
     repo.close()
 
 
@@ -270,6 +293,7 @@ print(written, longest, flush=True)
 """
 
 
+@pytest.mark.sqlite_only(reason="a size budget, and SQLite's file lock and WAL beside a writer and a reader")
 def test_retention_beside_a_writing_watcher_and_a_reading_dashboard(tmp_path):
     path = tmp_path / "k.db"
     url = f"sqlite:///{path}"

@@ -512,6 +512,9 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
                  optional=True)
     check.number("retention", retention, "max_gb", minimum=0.0, exclusive=True, optional=True)
     check.number("retention", retention, "interval", minimum=0.0, exclusive=True)
+    if retention.get("max_gb") is not None and db_url and not db_url.startswith("sqlite"):
+        check.problems.append("retention.max_gb: a size budget is measured on SQLite files only; "
+                              "on a server database (PostgreSQL) use retention.max_age_days")
 
     if check.problems:
         raise ConfigError(shown, check.problems)
