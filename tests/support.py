@@ -152,13 +152,25 @@ class PostgresServer:
         self.data = self.folder / "data"
         self.port = _free_port()
         self._names = itertools.count(1)
-        self._run("initdb", "-D", str(self.data), "-U", self.USER, "--auth=trust",
-                  "--no-sync", "-E", "UTF8")
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", self.USER, "--auth=trust",
+                      "--no-sync", "-E", "UTF8")
+            self.start()
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def start(self) -> None:
+        """Start the server (again, after `halt`)."""
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                    "-c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"),
                   "-o", options, "-w", "-t", "60", "start")
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (an outage; `start` ends it)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     @staticmethod
     def _find_bindir() -> Path:
@@ -174,7 +186,7 @@ class PostgresServer:
         if self._as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                cwd=self.folder)
+                                cwd=self.folder, check=False)
         if result.returncode:
             raise RuntimeError(f"{tool} failed ({result.returncode}): "
                                f"{(result.stderr or result.stdout)[-2000:]}")
@@ -184,19 +196,24 @@ class PostgresServer:
 
     def database(self) -> str:
         """A new empty database's URL."""
-        import psycopg
-
         name = f"keyreid_{next(self._names)}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={self.USER} dbname=postgres",
-                             autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        self.sql(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def sql(self, statement: str, database: str = "postgres") -> None:
+        """Run one statement as the server's owner (roles, grants)."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={self.USER} "
+                             f"dbname={database}", autocommit=True) as conn:
+            conn.execute(statement)
+
     def stop(self) -> None:
+        """Stop the server for good and remove its folder."""
         import shutil
 
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self.halt()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -323,3 +323,41 @@ def test_a_locked_database_is_a_retryable_error_and_nothing_is_half_written(tmp_
         assert repo.count_tracklets() == 0
         repo.add_tracklet(run, "a", 1, 0, 0.0)  # the same write, retried, succeeds
         assert repo.count_tracklets() == 1
+
+
+def test_a_postgresql_outage_is_a_retryable_error_and_nothing_is_lost():
+    """The server stops under a writer: the write fails as retryable, nothing half-written; it
+    succeeds, retried as it was, once the server is back (the watcher's spool does this)."""
+    pytest.importorskip("psycopg", reason="psycopg (the `site` extra) is not installed")
+    from support import PostgresServer
+    from storage import StorageUnavailableError
+
+    try:
+        server = PostgresServer()  # its own: this test stops it
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    try:
+        with open_repository(server.database()) as repo:
+            run = repo.start_run({})
+            repo.upsert_camera("a")
+            repo.add_tracklet(run, "a", 1, 0, 0.0)
+            server.halt()
+            try:
+                with pytest.raises(StorageUnavailableError, match="write failed"):
+                    repo.add_tracklet(run, "a", 2, 0, 0.0)
+            finally:
+                server.start()
+            repo.add_tracklet(run, "a", 2, 0, 0.0)
+            assert [t.track_id for t in repo.list_tracklets()] == [1, 2]
+    finally:
+        server.stop()
+
+
+def test_permission_denied_on_postgresql_is_named(postgres):
+    url = postgres.database()
+    postgres.sql("CREATE ROLE visitor LOGIN")
+    try:
+        with pytest.raises(StorageError, match="permission denied"):
+            open_repository(url.replace(f"{postgres.USER}@", "visitor@"))
+    finally:
+        postgres.sql("DROP ROLE visitor")
