@@ -116,8 +116,10 @@ class Projection:
     @classmethod
     def fit(cls, descriptors: np.ndarray, dim: int = COMPACT_DIM, whiten: bool = False) -> Projection:
         """PCA of clip descriptors `[N, D]` (see the module docstring). Fewer than `dim`
-        independent clips span fewer dimensions: the projection then has that many (it keeps
-        everything they span; fit on more clips for the full `dim`)."""
+        independent clips (a small site) span fewer dimensions: the rest of the projection is
+        the seeded random one, orthogonal to what they span, so the descriptor keeps its size
+        and a random view of what those clips did not show. A whitened fit has no variance to
+        whiten such directions by: it keeps only what the clips span."""
         data = np.asarray(descriptors, dtype=np.float64)
         if data.ndim != 2 or data.shape[0] < 2:
             raise ValueError(f"need descriptors [N >= 2, D] to fit a projection, got {data.shape}")
@@ -136,6 +138,8 @@ class Projection:
         if whiten:
             variance = values / len(data)
             scale = np.sqrt(variance + WHITEN_REGULARISATION * variance[0]).astype(np.float32)
+        elif len(values) < dim:
+            vectors = _complete(vectors, dim)
         return cls("pca", np.ascontiguousarray(vectors, dtype=np.float32), mean.astype(np.float32), scale,
                    fitted_on=len(data))
 
@@ -167,6 +171,15 @@ class Projection:
                    np.asarray(payload["mean"], dtype=np.float32),
                    None if scale is None else np.asarray(scale, dtype=np.float32),
                    fitted_on=int(payload.get("fitted_on", 0)), seed=payload.get("seed"))
+
+
+def _complete(vectors: np.ndarray, dim: int, seed: int = RANDOM_SEED) -> np.ndarray:
+    """Orthonormal `[D, r]` extended to `[D, dim]` by seeded random directions orthogonal to it
+    (Gram-Schmidt twice: one pass leaves rounding-sized overlaps)."""
+    extra = np.random.Generator(np.random.PCG64(seed)).standard_normal((vectors.shape[0], dim - vectors.shape[1]))
+    for _ in range(2):
+        extra -= vectors @ (vectors.T @ extra)
+    return np.concatenate([vectors, np.linalg.qr(extra)[0]], axis=1)
 
 
 def _top_eigen(data: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -79,7 +79,10 @@ def test_fewer_clips_than_dimensions_keep_everything_they_span():
     rng = np.random.default_rng(1)
     few = rng.standard_normal((200, 3000)).astype(np.float32)
     projection = Projection.fit(few, COMPACT_DIM)
-    assert projection.dim == 200  # fit on more clips for the full size
+    # their 200 directions, completed by random orthogonal ones to the full size
+    assert projection.dim == COMPACT_DIM
+    np.testing.assert_allclose(projection.components.T @ projection.components, np.eye(COMPACT_DIM), atol=1e-4)
+    assert Projection.fit(few, COMPACT_DIM, whiten=True).dim == 199  # centred; nothing to whiten the rest by
     d_full = np.linalg.norm(few[:100] - few[100:], axis=1)
     d_projected = np.linalg.norm(projection.apply(few[:100]) - projection.apply(few[100:]), axis=1)
     np.testing.assert_allclose(d_projected, d_full, rtol=1e-4)

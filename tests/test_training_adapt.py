@@ -170,6 +170,9 @@ def test_adapt_from_a_checkpoint_writes_an_adapted_model_that_the_encoder_loads(
     door, hall = encoder.encode(clip, None, cameras=["door"]), encoder.encode(clip, None, cameras=["hall"])
     pooled = encoder.encode(clip, None)
     assert door.shape == (1, encoder.dim) and not np.allclose(door, hall)
+    # ... then projects it by the PCA fitted on this site's clips (reid.projection)
+    assert encoder.projection.kind == "pca" and encoder.projection.fitted_on == 24
+    assert payload["adaptation"]["projection"]["tag"] == encoder.projection.tag
     assert np.allclose(encoder.encode(clip, None, cameras=["new camera"]), pooled)
     raw = Encoder(checkpoint=source_checkpoint, device="cpu")
     assert raw.camera_normalisation is None

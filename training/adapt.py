@@ -40,7 +40,9 @@ Clips are encoded with camera unknown (camid -1), as the watcher encodes them. T
 holds the export (`tracklets/`), per round a checkpoint (`round-N.pt`) and its pseudo-identities
 (`round-N-identities.json`, lists of tracklet ids), `state.json` (resume: a rerun continues after
 the last finished round), `adapted.pt` and `results.json`. `adapted.pt` is the selected model
-with the per-camera statistics of this site fitted with it (for `reid: {checkpoint: ...}` of
+with the per-camera statistics of this site fitted with it, the compact-descriptor projection
+fitted on this site's clips after them (`reid.projection`; the cross-camera labels are distances
+between compact descriptors, as the encoder makes them) (for `reid: {checkpoint: ...}` of
 `keyreid-watch` and the dashboard; a camera added later gets pooled statistics until the next
 adaptation); it records what it was adapted on and the before/after figures.
 """
@@ -66,12 +68,15 @@ from reid.model import KeyReID
 from reid.normalisation import CROSS_GENUINE_KEY
 from reid.normalisation import PAYLOAD_KEY as NORMALISATION_KEY
 from reid.normalisation import CameraNormalisation
+from reid.projection import PAYLOAD_KEY as PROJECTION_KEY
+from reid.projection import Projection, needs_projection
 from reid.registry import build_model, list_models
 from storage.engine import display_url
 from storage.similarity import unit
 from training.evaluate import extract_clip_descriptors, parse_key_values
 from training.metrics import mean_per_tracklet
 from training.export_tracklets import export_tracklets
+from training.project import MAX_FIT_CLIPS, sample_clips
 from training.provenance import git_commit
 from training.records import TrackletRecord
 from training.sampling import RandomIdentitySampler
@@ -288,11 +293,14 @@ def within_camera_auc(descriptors: np.ndarray, first: np.ndarray, second: np.nda
 @dataclasses.dataclass
 class Described:
     """One model's view of the site: unit tracklet descriptors `[N, D]` (camera-normalised), the
-    camera statistics, and unit descriptors of the tracklets' two halves (or None)."""
+    camera statistics, unit descriptors of the tracklets' two halves (or None), and the
+    camera-normalised clip descriptors `[C, D]` with each one's tracklet `[C]`."""
 
     descriptors: np.ndarray
     normalisation: CameraNormalisation
     halves: list[np.ndarray] | None
+    clips: np.ndarray
+    owners: np.ndarray
 
 
 def _tracklet_descriptors(clips: np.ndarray, owners: np.ndarray, count: int) -> np.ndarray:
@@ -402,8 +410,8 @@ class SiteAdapter:
                                                     progress=self.config.progress, desc=f"{label}: encode")
         cameras = np.array([t.camera for t in self.tracklets])
         normalisation = CameraNormalisation.fit(features, cameras[owners])
-        descriptors = _tracklet_descriptors(normalisation.apply(features, cameras[owners]), owners,
-                                            len(self.records))
+        standardised = normalisation.apply(features, cameras[owners])
+        descriptors = _tracklet_descriptors(standardised, owners, len(self.records))
         halves = None
         if self.halves:
             halves = []
@@ -413,7 +421,17 @@ class SiteAdapter:
                                                         progress=self.config.progress, desc=f"{label}: halves")
                 part_cameras = np.array([self.tracklets[h[2]].camera for h in self.halves])[parts]
                 halves.append(_tracklet_descriptors(normalisation.apply(clips, part_cameras), parts, len(records)))
-        return Described(descriptors, normalisation, halves)
+        return Described(descriptors, normalisation, halves, standardised, owners)
+
+    def compact(self, described: Described) -> tuple[Described, Projection | None]:
+        """The compact descriptors' projection (`reid.projection`) fitted on this site's
+        camera-normalised clips, and the site as the encoder will then see it (None and the same
+        view when the descriptor is compact already)."""
+        if not needs_projection(described.clips.shape[1]):
+            return described, None
+        projection = Projection.fit(sample_clips(described.clips, MAX_FIT_CLIPS, self.config.seed))
+        projected = _tracklet_descriptors(projection.apply(described.clips), described.owners, len(self.records))
+        return dataclasses.replace(described, descriptors=projected), projection
 
     def figures(self, described: Described) -> dict[str, Any]:
         """Selection signal and within-camera separation of one candidate."""
@@ -586,8 +604,10 @@ class SiteAdapter:
             model, _ = load_model(self.out / f"round-{chosen_round}.pt")
         model = model.to(self.device).eval()
         described = latest if latest is not None and latest_round == chosen_round else self.describe(model, label)
-        # One person in two cameras, as the adapted model sees them: the linker's cross-camera
-        # genuine labels (tracking.linking.Calibrator), from associations among all tracklets.
+        described, projection = self.compact(described)
+        # One person in two cameras, as the adapted model sees them (compact descriptors, as the
+        # encoder will make them): the linker's cross-camera genuine labels
+        # (tracking.linking.Calibrator), from associations among all tracklets.
         associations = self.mine(described, "cross-camera labels", everyone=True)
         cross_genuine = [float(np.sqrt(max(0.0, 2.0 - 2.0 * cosine))) for cosine, _, _ in associations.merged]
         adaptation = {
@@ -596,11 +616,14 @@ class SiteAdapter:
             "before": state["initial"], "after": figures,
             "cross_camera_genuine": {"pairs": len(cross_genuine), "target_false_link": associations.target_false_link,
                                      "median_distance": float(np.median(cross_genuine)) if cross_genuine else None},
+            "projection": None if projection is None else {"tag": projection.tag, "dim": projection.dim,
+                                                            "fitted_on": projection.fitted_on},
         }
+        extra = {} if projection is None else {PROJECTION_KEY: projection.to_payload()}
         path = save_checkpoint(model, self.out / "adapted.pt", self._model_name(), adaptation=adaptation,
                                training={"dataset": "site-adaptation", "git": git_commit()},
                                **{NORMALISATION_KEY: described.normalisation.to_payload(),
-                                  CROSS_GENUINE_KEY: torch.tensor(cross_genuine, dtype=torch.float64)})
+                                  CROSS_GENUINE_KEY: torch.tensor(cross_genuine, dtype=torch.float64), **extra})
         results = {**adaptation, "checkpoint": str(path), "config": dataclasses.asdict(self.config),
                    "per_round": state["rounds"], "git": git_commit()}
         (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
