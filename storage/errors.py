@@ -27,5 +27,6 @@ class ReadOnlyError(StorageError):
 
 
 class StorageUnavailableError(StorageError):
-    """A write failed for a reason that may pass (disk full, database locked or read-only, I/O
-    error): nothing of that transaction was stored and it can be retried as it was."""
+    """A write (or read) failed for a reason that may pass (disk full, database locked or
+    read-only, I/O error, a database server down): nothing of that transaction was stored and
+    it can be retried as it was."""

@@ -144,11 +144,23 @@ class SiteSession:
         self._runs.add(run_id)
         self._try(self.ensure(), RUN_KEY, run_id)
 
+    def alive_runs(self) -> set[int]:
+        """`alive_runs` seen from this session (StorageUnavailableError if the server is gone)."""
+        try:
+            return alive_runs(self.ensure())
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(
+                f"{self._shown}: cannot see which watchers are alive: {exc}") from exc
+
     def claim_linker(self) -> bool:
         """Become the site's one linker if nobody is; True while this session is it."""
         conn = self.ensure()
         if not self.linker:
-            self.linker = self._try(conn, SITE_KEY, LINKER)
+            try:
+                self.linker = self._try(conn, SITE_KEY, LINKER)
+            except SQLAlchemyError as exc:
+                raise StorageUnavailableError(
+                    f"{self._shown}: cannot take the linker lock: {exc}") from exc
         return self.linker
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from .errors import (
     StorageError,
     StorageUnavailableError,
 )
-from .lock import SiteSession, WriterLock, alive_runs, lock_for_migration
+from .lock import SiteSession, WriterLock, lock_for_migration
 from .records import (
     LINK_KINDS,
     ActivityBucket,
@@ -203,7 +203,7 @@ class Repository:
         one writer is this one)."""
         if self._site is None:
             return False
-        return bool(alive_runs(self._site.ensure()) - {run_id})
+        return bool(self._site.alive_runs() - {run_id})
 
     def close(self) -> None:
         """Release the writer lock and close every pooled connection."""
@@ -232,9 +232,14 @@ class Repository:
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
-        # One transaction per read: a consistent snapshot even while the writer commits.
-        with self._sessions.begin() as session:
-            yield session
+        """One transaction per read: a consistent snapshot even while a writer commits. A
+        failure that may pass (a database server down or restarting) is a
+        `StorageUnavailableError`, so a watcher retries instead of stopping."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise StorageUnavailableError(f"{self.url}: read failed: {exc.orig or exc}") from exc
 
     def integrity_check(self) -> list[str]:
         """SQLite's `PRAGMA integrity_check` result lines (["ok"] for a sound file); a server
@@ -277,7 +282,7 @@ class Repository:
         """
         if not self.holds_writer_lock:
             raise StorageError(f"{self.url}: repair needs the writer lock")
-        alive = alive_runs(self._site.ensure()) if self._site is not None else set()
+        alive = self._site.alive_runs() if self._site is not None else set()
         alive.add(current_run_id)
         with self._write() as s:
             aborted = list(s.scalars(select(Run).where(Run.id.not_in(alive),

@@ -326,8 +326,9 @@ def test_a_locked_database_is_a_retryable_error_and_nothing_is_half_written(tmp_
 
 
 def test_a_postgresql_outage_is_a_retryable_error_and_nothing_is_lost():
-    """The server stops under a writer: the write fails as retryable, nothing half-written; it
-    succeeds, retried as it was, once the server is back (the watcher's spool does this)."""
+    """The server stops under a writer: writes and reads fail as retryable, nothing
+    half-written; the write succeeds, retried as it was, once the server is back (the
+    watcher's spool does this)."""
     pytest.importorskip("psycopg", reason="psycopg (the `site` extra) is not installed")
     from support import PostgresServer
     from storage import StorageUnavailableError
@@ -345,6 +346,8 @@ def test_a_postgresql_outage_is_a_retryable_error_and_nothing_is_lost():
             try:
                 with pytest.raises(StorageUnavailableError, match="write failed"):
                     repo.add_tracklet(run, "a", 2, 0, 0.0)
+                with pytest.raises(StorageUnavailableError, match="read failed"):
+                    repo.count_tracklets()
             finally:
                 server.start()
             repo.add_tracklet(run, "a", 2, 0, 0.0)
