@@ -6,6 +6,12 @@ graph) followed by `KeyReID.descriptor`: clips in, descriptors out, batch dimens
 Inputs: `frames` float32 [B, T, 3, H, W] normalised, `keypoints` float32 [B, T, 17, 3] in
 model-input pixels, `camera_ids` int64 [B] (-1 = unknown camera); output `descriptor` [B, dim].
 A graph that does not use an input (no keypoints for `stripes`) may not declare it.
+The graph ends at the full descriptor: `reid.Encoder` standardises it per camera and then
+projects it to the compact descriptor (`reid.projection`) in numpy, for torch and the exported
+runtimes alike. Both steps are keyed outside the graph (camera statistics by the site's camera
+name), the projection must follow the statistics, and a [D, 1024] product is ~0.1% of the
+encoder's cost, so one code path serves every runtime and a refitted projection never needs a
+new export.
 
 `cached_onnx` keeps one export per (weights, config, model code, torch version) in a cache
 folder, checksummed, so a watcher exports once and a changed checkpoint or model code never

@@ -202,3 +202,14 @@ def test_project_cli_fits_on_training_clips_and_compares_on_the_test_set(tmp_pat
                          "--dim", "5000", "--device", "cpu", "--no-progress",
                          "--dataset-opt", *[f"{k}={v}" for k, v in DATA_OPTIONS.items()]]) == 2
     assert "dimension must be in" in capsys.readouterr().err
+
+
+def test_fitting_samples_whole_training_tracklets_up_to_the_clip_budget():
+    from training.records import TrackletRecord
+
+    records = [TrackletRecord(tuple(f"{i}/{f}.jpg" for f in range(8 + i % 5)), i, 0) for i in range(50)]
+    chosen = project.fitting_records(records, 40, 4, seed=1)
+    clips = sum(-(-len(r.frames) // 4) for r in chosen)
+    assert 40 <= clips < 40 + 4 and chosen == sorted(chosen, key=lambda r: r.pid)
+    assert project.fitting_records(records, 40, 4, seed=1) == chosen  # seeded
+    assert project.fitting_records(records, 10_000, 4) == records

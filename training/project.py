@@ -3,8 +3,9 @@
     python -m training.project --checkpoint runs/tiny/best.pt --out runs/tiny/compact.pt \\
         --dataset synthetic --root data/synthetic [--dim 1024] [--whiten] [--compare]
 
-Encodes the training tracklets' clips (all consecutive T-frame clips, as evaluation does; at
-most `--max-clips`, a seeded sample), standardised by the checkpoint's camera statistics when it
+Encodes the training tracklets' clips (all consecutive T-frame clips, as evaluation does, of a
+seeded sample of whole tracklets holding about `--max-clips` clips: a fraction of MARS's
+training set is enough for a PCA and costs a fraction of its encoding), standardised by the checkpoint's camera statistics when it
 has them (pooled: dataset cameras are not a site's), fits the PCA and writes the checkpoint with
 it under `reid.projection.PAYLOAD_KEY` (every other key unchanged). `reid.Encoder` then projects
 with it (its `model_id` changes with it); without one it uses a seeded random projection.
@@ -38,6 +39,7 @@ from training.evaluate import (CMC_RANKS, autocast_dtype, default_keypoints, euc
 from training.metrics import evaluate_ranking, mean_per_tracklet
 from training.packed import frame_reader
 from training.records import KEYPOINT_BACKENDS, TrackletRecord
+from training.sampling import test_clip_indices
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,22 @@ def sample_clips(clips: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
     return clips[chosen]
 
 
+def fitting_records(records: Sequence[TrackletRecord], limit: int, num_frames: int,
+                    seed: int = 0) -> list[TrackletRecord]:
+    """A seeded sample of whole tracklets with about `limit` test-time clips in all (every
+    tracklet when they have fewer), in their original order."""
+    if limit < 2:
+        raise ValueError(f"max clips must be >= 2, got {limit}")
+    order = np.random.default_rng(seed).permutation(len(records))
+    chosen, clips = [], 0
+    for index in order:
+        if clips >= limit:
+            break
+        chosen.append(int(index))
+        clips += len(test_clip_indices(len(records[index].frames), num_frames))
+    return [records[i] for i in sorted(chosen)]
+
+
 def scores(query: Encoded, gallery: Encoded, projection: Projection | None, ap_mode: str) -> dict[str, float]:
     """mAP and CMC (percent) of tracklet descriptors = mean of (projected) clip descriptors."""
     def tracklets(encoded: Encoded) -> np.ndarray:
@@ -122,8 +140,8 @@ def project(checkpoint: str | Path, dataset: str, root: str | Path, out: str | P
     options, ap_mode = protocol_options(dataset, protocol, dataset_options)
     backend = default_keypoints(dataset, root, keypoints if keypoints is not None else trained.get("keypoints"))
     data = load_dataset(dataset, root, backend, split, options)
-    train = describer.encode(data.train, root, "training clips")
-    fitting = sample_clips(train.clips, max_clips, seed)
+    records = fitting_records(data.train, max_clips, describer.model.config.num_frames, seed)
+    fitting = sample_clips(describer.encode(records, root, "training clips").clips, max_clips, seed)
     log.info("fitting a %d-d projection%s on %d clips x %d dims", dim, " (whitened)" if whiten else "",
              len(fitting), fitting.shape[1])
     projection = Projection.fit(fitting, dim, whiten=whiten)
@@ -163,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keypoints", default=None, choices=KEYPOINT_BACKENDS)
     parser.add_argument("--dim", type=int, default=COMPACT_DIM, help="projected dimension")
     parser.add_argument("--whiten", action="store_true", help="centred, whitened, L2-normalised PCA")
-    parser.add_argument("--max-clips", type=int, default=MAX_FIT_CLIPS, help="clips the PCA is fitted on (a sample)")
+    parser.add_argument("--max-clips", type=int, default=MAX_FIT_CLIPS, help="clips the PCA is fitted on (whole training tracklets, a seeded sample)")
     parser.add_argument("--compare", action="store_true", help="print test figures: full vs projected")
     parser.add_argument("--protocol", default="community", choices=["community", "official"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0, help="which clips are sampled when there are more")
+    parser.add_argument("--seed", type=int, default=0, help="which training tracklets are sampled when they have more clips")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
