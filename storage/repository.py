@@ -740,17 +740,16 @@ class Repository:
         return [IdentitySnapshot(identity_id, tuple(members))
                 for identity_id, members in snapshots.items()]
 
-    def tracklets_to_link(self, model_id: str, *, since: float | None = None,
-                          exclude: Iterable[int] = (), limit: int = 500) -> list[UnlinkedTracklet]:
+    def tracklets_to_link(self, model_id: str, *, exclude: Iterable[int] = (),
+                          limit: int = 500) -> list[UnlinkedTracklet]:
         """Finished tracklets of any watcher that no identity holds yet, with clips of
-        `model_id`, last seen at or after `since` (wall clock), in the order they ended: what
-        the site's one linker takes from the database (`exclude`: those it already holds).
-        A watcher marks a tracklet finished only once every clip of it is stored."""
+        `model_id`, in the order they ended: what the site's one linker takes from the
+        database (`exclude`: those it already holds). A watcher marks a tracklet finished only
+        once every clip of it is stored. Old ones are included: the linker decides them too
+        (one that ended longer than its time window ago opens an identity of its own)."""
         conditions = [Tracklet.finished.is_(True), Tracklet.identity_id.is_(None),
                       select(Clip.id).where(Clip.tracklet_id == Tracklet.id,
                                             Clip.model_id == model_id).exists()]
-        if since is not None:
-            conditions.append(_LAST_SEEN >= since)
         excluded = sorted({int(key) for key in exclude})
         if excluded:
             conditions.append(Tracklet.id.not_in(excluded))

@@ -724,10 +724,8 @@ class Watcher:
         ended), apply the operator's decisions, and let the linker decide them and re-decide
         its pending ones. At the end of a run what is still pending opens identities of its
         own, unless another watcher of the site is alive to take linking over."""
-        window = self.config.linking.time_window
-        since = None if window is None else time.time() - window
         while True:
-            rows = self.repo.tracklets_to_link(self.encoder.model_id, since=since,
+            rows = self.repo.tracklets_to_link(self.encoder.model_id,
                                                exclude=self.linker.pending_keys(),
                                                limit=LINK_BATCH)
             self._sync_operator_changes()
