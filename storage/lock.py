@@ -34,6 +34,9 @@ from .errors import StorageUnavailableError, WriterLockedError
 SITE_KEY = 0x4B524944  # "KRID": our advisory locks' first key, so other programs' stay apart
 RUN_KEY = SITE_KEY + 1
 MIGRATE, LINKER = 1, 2
+# The server ends a lock session idle this long (a watcher pings it every second or two), so
+# the locks of a watcher whose machine died are released without waiting for TCP keepalive.
+IDLE_SESSION_TIMEOUT = "120s"
 
 
 class WriterLock:
@@ -131,6 +134,8 @@ class SiteSession:
             self.linker = False
         try:
             conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            conn.execute(text("SELECT set_config('idle_session_timeout', :t, false)"),
+                         {"t": IDLE_SESSION_TIMEOUT})
             for run_id in self._runs:
                 self._try(conn, RUN_KEY, run_id)
         except SQLAlchemyError as exc:
