@@ -586,18 +586,20 @@ class Repository:
         with self._write() as s:
             tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
             if follow_merges:
-                identity_id = self._resolve_merges(s, identity_id)
+                identity_id = self._resolve_merges(s, identity_id, lock=True)
             self._live_identity(s, identity_id)
             tracklet.identity_id = identity_id
             self._decide(s, tracklet_id, identity_id, kind, distance, candidate, note, evidence)
             return identity_id
 
-    def _resolve_merges(self, s: Session, identity_id: int) -> int:
+    def _resolve_merges(self, s: Session, identity_id: int, lock: bool = False) -> int:
+        """The identity `identity_id` was merged into, in the end (itself if it was not);
+        `lock` as in `_get`, for writes that then use it."""
         seen = set()
-        identity = self._get(s, Identity, identity_id, "identity")
+        identity = self._get(s, Identity, identity_id, "identity", lock)
         while identity.merged_into is not None and identity.id not in seen:
             seen.add(identity.id)
-            identity = self._get(s, Identity, identity.merged_into, "identity")
+            identity = self._get(s, Identity, identity.merged_into, "identity", lock)
         return identity.id
 
     def merge_identities(self, keep_id: int, merge_id: int, note: str | None = None) -> list[int]:
@@ -640,7 +642,7 @@ class Repository:
         moves. Recorded as "confirmed"; the running linker applies it at once."""
         with self._write() as s:
             tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
-            target = self._resolve_merges(s, identity_id)
+            target = self._resolve_merges(s, identity_id, lock=True)
             self._live_identity(s, target)
             old = tracklet.identity_id
             if old == target:
@@ -658,7 +660,7 @@ class Repository:
         member of that identity use `split_tracklet`."""
         with self._write() as s:
             tracklet = self._get(s, Tracklet, tracklet_id, "tracklet")
-            target = self._resolve_merges(s, identity_id)
+            target = self._resolve_merges(s, identity_id, lock=True)
             if tracklet.identity_id == target:
                 raise StorageError(f"tracklet {tracklet_id} is a member of identity {target}: "
                                    "split it out instead of rejecting the link")
@@ -851,7 +853,8 @@ class Repository:
         return records
 
     def _live_identity(self, s: Session, identity_id: int) -> Identity:
-        identity = self._get(s, Identity, identity_id, "identity")
+        """The identity a write is about to use, locked (see `_get`), unless merged away."""
+        identity = self._get(s, Identity, identity_id, "identity", lock=True)
         if identity.merged_into is not None:
             raise StorageError(
                 f"identity {identity_id} was merged into {identity.merged_into}; use that one"
@@ -878,8 +881,12 @@ class Repository:
         return decision.id
 
     @staticmethod
-    def _get(s: Session, model, key, what: str):
-        row = s.get(model, key)
+    def _get(s: Session, model, key, what: str, lock: bool = False):
+        """The row or StorageError. `lock` reads it FOR UPDATE, fresh: on PostgreSQL several
+        writers (a linker, an operator's merge) may change one identity at once, and the
+        second must see what the first committed (SQLite's writers are serialised anyway)."""
+        options = {"with_for_update": True, "populate_existing": True} if lock else {}
+        row = s.get(model, key, **options)
         if row is None:
             raise StorageError(f"unknown {what} {key!r}")
         return row

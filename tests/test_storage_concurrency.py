@@ -295,3 +295,38 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_link_waits_for_a_merge_in_progress_on_postgresql_and_follows_it(postgres):
+    """A linker's assignment to an identity an operator is merging away right now waits for
+    that merge and lands in the identity it was merged into (never in the merged-away one)."""
+    import threading
+
+    import psycopg
+
+    url = postgres.database()
+    with open_repository(url) as repo:
+        run = repo.start_run({})
+        repo.upsert_camera("a")
+        first, second, third = (repo.add_tracklet(run, "a", n, 0, 10.0 * n) for n in (1, 2, 3))
+        keep, merged = repo.open_identity(first), repo.open_identity(second)
+        operator = psycopg.connect(f"host=127.0.0.1 port={postgres.port} user={postgres.USER} "
+                                   f"dbname={url.rsplit('/', 1)[1]}")
+        try:  # the merge's transaction, open: the identity row is locked and changed
+            operator.execute("UPDATE tracklets SET identity_id = %s WHERE identity_id = %s",
+                             (keep, merged))
+            operator.execute("UPDATE identities SET merged_into = %s WHERE id = %s",
+                             (keep, merged))
+            result = []
+            linker = threading.Thread(target=lambda: result.append(
+                repo.assign_identity(third, merged, "linked", 0.1, follow_merges=True)))
+            linker.start()
+            linker.join(timeout=1.0)
+            assert linker.is_alive(), "the assignment did not wait for the merge"
+            operator.commit()
+            linker.join(timeout=10)
+        finally:
+            operator.close()
+        assert result == [keep]
+        assert repo.get_tracklet(third).identity_id == keep
+        assert repo.get_identity(merged).member_count == 0
