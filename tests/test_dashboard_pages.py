@@ -21,8 +21,9 @@ from storage import SCHEMA_VERSION, NewClip, open_repository
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "app" / "dashboard" / "ui.py")
 # The untrained default encoder's id (it carries a digest of its configuration and weights).
-MODEL_ID = reid.Encoder(device="cpu").model_id
-DIM = 4800  # keyreid_vit_tiny's descriptor size: uploads are encoded by that model
+_ENCODER = reid.Encoder(device="cpu")
+MODEL_ID = _ENCODER.model_id
+DIM = _ENCODER.dim  # keyreid_vit_tiny's compact descriptor (1024): uploads are encoded by that model
 CAMERAS = ("cam_a", "cam_b", "cam_c")
 PEOPLE = {0: ("cam_a", "cam_b", "cam_c"), 1: ("cam_a", "cam_b"), 2: ("cam_b", "cam_c"),
           3: ("cam_a", "cam_b")}
