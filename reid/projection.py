@@ -46,6 +46,12 @@ WHITEN_REGULARISATION = 1e-3
 # Eigenvalues of the Gram matrix below this fraction of the largest (singular values below 1e-6
 # of it) span nothing in the fitting set: float rounding, not descriptors.
 RANK_TOLERANCE = 1e-12
+# An exact eigendecomposition of a Gram matrix up to this size (ViT-Tiny's 4,800: ~30 s at one
+# thread); above it (ViT-B's 19,200-d from 20,000 clips: hours) a randomized SVD (Halko et al.
+# 2011) with `LOWRANK_OVERSAMPLING` extra directions and `LOWRANK_ITERATIONS` power iterations.
+EXACT_LIMIT = 6000
+LOWRANK_OVERSAMPLING = 64
+LOWRANK_ITERATIONS = 4
 _DIGEST_LENGTH = 8
 
 
@@ -129,9 +135,9 @@ class Projection:
         if not np.isfinite(data).all():
             raise ValueError("descriptors to fit a projection contain NaN or infinity")
         mean = data.mean(0) if whiten else np.zeros(data.shape[1])
-        values, vectors = _top_eigen(data - mean, dim)
+        values, vectors = _top_eigen(data - mean if whiten else data, dim)
         if not values[0] > 0:
-            raise ValueError("descriptors to fit a projection are all equal: they span nothing")
+            raise ValueError("descriptors to fit a projection span nothing (all zero; whitened: all equal)")
         keep = values > RANK_TOLERANCE * values[0]
         values, vectors = values[keep], vectors[:, keep]
         scale = None
@@ -189,12 +195,22 @@ def _orthonormal(matrix: np.ndarray) -> np.ndarray:
     return q.numpy()
 
 
-def _top_eigen(data: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_eigen(data: np.ndarray, dim: int, exact_limit: int = EXACT_LIMIT) -> tuple[np.ndarray, np.ndarray]:
     """The `dim` largest eigenvalues of `data^T data` and their eigenvectors `[D, dim]`, largest
     first, from whichever Gram matrix is smaller: `[D, D]`, or `[N, N]` mapped back when there
-    are fewer clips than dimensions (a fit on a site's few hundred clips)."""
+    are fewer clips than dimensions (a fit on a site's few hundred clips); randomized when both
+    exceed `exact_limit`."""
     tensor = torch.from_numpy(data)
     count, width = data.shape
+    if min(count, width) > exact_limit:
+        # seeded, so that the fit is a function of its data alone
+        rank = min(dim + LOWRANK_OVERSAMPLING, count, width)
+        sketch = np.random.Generator(np.random.PCG64(RANDOM_SEED)).standard_normal((width, rank))
+        basis = torch.linalg.qr(tensor @ torch.from_numpy(sketch))[0]  # [N, rank]: the range of the data
+        for _ in range(LOWRANK_ITERATIONS):
+            basis = torch.linalg.qr(tensor @ torch.linalg.qr(tensor.T @ basis)[0])[0]
+        _, sigma, right = torch.linalg.svd(basis.T @ tensor, full_matrices=False)
+        return (sigma[:dim] ** 2).numpy(), right[:dim].T.numpy()
     if count < width:
         values, vectors = torch.linalg.eigh(tensor @ tensor.T)
         values, vectors = values.flip(0)[:dim].clamp(min=0), vectors.flip(1)[:, :dim]

@@ -5,10 +5,11 @@
 
 Encodes the training tracklets' clips (all consecutive T-frame clips, as evaluation does, of a
 seeded sample of whole tracklets holding about `--max-clips` clips: a fraction of MARS's
-training set is enough for a PCA and costs a fraction of its encoding), standardised by the checkpoint's camera statistics when it
-has them (pooled: dataset cameras are not a site's), fits the PCA and writes the checkpoint with
-it under `reid.projection.PAYLOAD_KEY` (every other key unchanged). `reid.Encoder` then projects
-with it (its `model_id` changes with it); without one it uses a seeded random projection.
+training set is enough for a PCA and costs a fraction of its encoding), standardised by the
+checkpoint's camera statistics when it has them (pooled: dataset cameras are not a site's),
+fits the PCA and writes the checkpoint with it under `reid.projection.PAYLOAD_KEY` (every other
+key unchanged). `reid.Encoder` then projects with it (its `model_id` changes with it); without
+one it uses a seeded random projection.
 Training people only: the test people stay unseen, so `--compare`'s figures are honest.
 
 `--compare` prints the test retrieval figures (the dataset's protocol, Euclidean distance,
@@ -181,13 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keypoints", default=None, choices=KEYPOINT_BACKENDS)
     parser.add_argument("--dim", type=int, default=COMPACT_DIM, help="projected dimension")
     parser.add_argument("--whiten", action="store_true", help="centred, whitened, L2-normalised PCA")
-    parser.add_argument("--max-clips", type=int, default=MAX_FIT_CLIPS, help="clips the PCA is fitted on (whole training tracklets, a seeded sample)")
+    parser.add_argument("--max-clips", type=int, default=MAX_FIT_CLIPS,
+                        help="clips the PCA is fitted on (whole training tracklets, a seeded sample)")
     parser.add_argument("--compare", action="store_true", help="print test figures: full vs projected")
     parser.add_argument("--protocol", default="community", choices=["community", "official"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0, help="which training tracklets are sampled when they have more clips")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which training tracklets are sampled when they have more clips")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
