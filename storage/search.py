@@ -1,4 +1,5 @@
-"""Exact nearest-neighbour search over stored descriptors, and the tracklet gallery.
+"""Nearest-neighbour search over stored descriptors (exact, or FAISS candidates re-ranked
+exactly), and the tracklet gallery.
 
 `nearest` is the exact search: chunked over the gallery so a million descriptors never
 materialise a Q x N distance matrix, using ||q||^2 + ||g||^2 - 2 q.g with a float32 matmul
@@ -12,16 +13,27 @@ and the final sort order by (distance, index) exactly, in every chunk and across
 An exact FAISS `IndexFlatL2` is used instead when `faiss` is importable, the gallery is large
 and no `valid` mask is given. FAISS is optional and not a dependency.
 
+Given an approximate index (`storage.ann.AnnIndex`, FAISS IVF-PQ), `nearest` asks it for the
+`depth` most likely rows of each query (the `valid` mask travels into FAISS as an ID selector)
+and computes their distances exactly as above from the stored rows, with the same tie-breaking:
+the results have the same form and exact distances, only a true neighbour the index missed can
+be absent. A query for which the index finds fewer than k valid rows (a narrow filter) is
+answered by the exact search.
+
 `GalleryIndex` ranks tracklets (not clips) by the distance between the unit query and the
 tracklet descriptors (`storage.similarity`), so the dashboard's search and the linker agree
 on what "close" means, optionally re-ranked k-reciprocally (`storage.rerank`).
 """
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from .ann import ANN_MIN_GALLERY, AnnIndex, AnnUnavailable, open_index, version_hash
 from .records import SearchHit
 from .rerank import k_reciprocal
 from .similarity import distances, unit
@@ -31,6 +43,7 @@ _BLOCK_ELEMENTS = 8 * 1024 * 1024  # distance block size (float32 elements) per 
 _CONVERT_ELEMENTS = 16 * 1024 * 1024  # float32 elements of gallery converted per chunk
 _INDEX_MASK = np.uint64(0xFFFFFFFF)
 RERANK_CANDIDATES = 200  # re-ranking costs O(N^2): only the top N are re-ranked
+log = logging.getLogger(__name__)
 
 
 def _check_inputs(queries: np.ndarray, gallery: np.ndarray, k: int, valid) -> None:
@@ -52,11 +65,32 @@ def _check_inputs(queries: np.ndarray, gallery: np.ndarray, k: int, valid) -> No
         raise ValueError("queries contain NaN or infinite values")
 
 
-def _keys(dist: np.ndarray, offset: int) -> np.ndarray:
-    """Pack non-negative float32 distances and their gallery indices into sortable uint64 keys."""
+def _keys(dist: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Pack non-negative float32 distances [Q, C] and their gallery indices [C] into sortable
+    uint64 keys."""
     keys = dist.view(np.uint32).astype(np.uint64) << np.uint64(32)
-    keys |= np.arange(offset, offset + dist.shape[1], dtype=np.uint64)
+    keys |= rows.astype(np.uint64)
     return keys
+
+
+def _unpack(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (distances float32, indices int64) from packed keys."""
+    keys = np.sort(keys, axis=1)
+    indices = (keys & _INDEX_MASK).astype(np.int64)
+    return (keys >> np.uint64(32)).astype(np.uint32).view(np.float32), indices
+
+
+def _distance_block(queries: np.ndarray, q_norms: np.ndarray, block: np.ndarray,
+                    g_norms: np.ndarray) -> np.ndarray:
+    """Euclidean distances [Q, C] from ||q||^2 + ||g||^2 - 2 q.g (float32), never -0.0."""
+    d = queries @ block.T
+    d *= -2.0
+    d += q_norms
+    d += g_norms[None, :]
+    np.maximum(d, 0.0, out=d)
+    np.sqrt(d, out=d)
+    d += 0.0  # turns -0.0 into +0.0 so the packed keys order correctly
+    return d
 
 
 def _smallest(keys: np.ndarray, k: int) -> np.ndarray:
@@ -89,11 +123,16 @@ def nearest(
     *,
     valid: np.ndarray | None = None,
     gallery_sq_norms: np.ndarray | None = None,
+    index: AnnIndex | None = None,
+    ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest gallery rows of each query by Euclidean distance.
 
     queries: [Q, D] float; gallery: [N, D] float16 or float32; valid: optional bool [N], False
     rows are never returned; gallery_sq_norms: optional precomputed float32 ||g||^2 [N].
+    index: an approximate index holding every gallery row (`storage.ann`): its candidates are
+    re-ranked exactly (module docstring); ids: the index's id of each row, ascending [N]
+    (None: the row numbers).
     Returns (distances [Q, k'] float32 ascending, indices [Q, k'] int64) with
     k' = min(k, number of valid rows): fewer rows than k are returned, never padded.
     """
@@ -107,6 +146,11 @@ def nearest(
     q = queries.shape[0]
     if k == 0 or q == 0:
         return np.zeros((q, k), np.float32), np.zeros((q, k), np.int64)
+    if index is not None:
+        if len(index) != n or (ids is not None and np.shape(ids) != (n,)):
+            raise ValueError(f"the approximate index holds {len(index)} rows, the gallery {n}: "
+                             "update it first (storage.ann.open_index)")
+        return _nearest_approximate(queries, gallery, k, valid, gallery_sq_norms, index, ids)
     if valid is None and n >= FAISS_MIN_GALLERY:
         try:
             import faiss  # optional; exact flat index
@@ -131,21 +175,41 @@ def nearest(
             g_norms = np.einsum("ij,ij->i", block, block)
         else:
             g_norms = np.asarray(gallery_sq_norms[start:stop], dtype=np.float32)
-        d = queries @ block.T
-        d *= -2.0
-        d += q_norms
-        d += g_norms[None, :]
-        np.maximum(d, 0.0, out=d)
-        np.sqrt(d, out=d)
-        d += 0.0  # turns -0.0 into +0.0 so the packed keys order correctly
+        d = _distance_block(queries, q_norms, block, g_norms)
         if valid is not None:
             d[:, ~valid[start:stop]] = np.inf
-        keys = _smallest(_keys(d, start), k)
+        keys = _smallest(_keys(d, np.arange(start, stop)), k)
         best = keys if best is None else _smallest(np.concatenate([best, keys], axis=1), k)
-    best.sort(axis=1)
-    indices = (best & _INDEX_MASK).astype(np.int64)
-    distances = (best >> np.uint64(32)).astype(np.uint32).view(np.float32)
-    return distances, indices
+    return _unpack(best)
+
+
+def _nearest_approximate(queries: np.ndarray, gallery: np.ndarray, k: int,
+                         valid: np.ndarray | None, gallery_sq_norms: np.ndarray | None,
+                         index: AnnIndex, ids: np.ndarray | None):
+    """`nearest` through the index's candidates, re-ranked exactly (see the module docstring)."""
+    allowed = None
+    if valid is not None:
+        allowed = np.flatnonzero(valid) if ids is None else np.asarray(ids)[valid]
+    labels = index.search(queries, max(k, index.depth), allowed)
+    out_d = np.empty((len(queries), k), np.float32)
+    out_i = np.empty((len(queries), k), np.int64)
+    q_norms = np.einsum("ij,ij->i", queries, queries)[:, None]
+    exact = []
+    for j, found in enumerate(labels):
+        found = found[found >= 0]
+        rows = found if ids is None else np.searchsorted(ids, found)
+        if len(rows) < k:
+            exact.append(j)
+            continue
+        block = np.asarray(gallery[rows], dtype=np.float32)
+        g_norms = (np.einsum("ij,ij->i", block, block) if gallery_sq_norms is None
+                   else np.asarray(gallery_sq_norms[rows], dtype=np.float32))
+        d = _distance_block(queries[j:j + 1], q_norms[j:j + 1], block, g_norms)
+        out_d[j], out_i[j] = (a[0] for a in _unpack(_smallest(_keys(d, rows), k)))
+    if exact:
+        out_d[exact], out_i[exact] = nearest(queries[exact], gallery, k, valid=valid,
+                                             gallery_sq_norms=gallery_sq_norms)
+    return out_d, out_i
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,6 +225,10 @@ class GalleryIndex:
     Memory: float32 throughout, (N + T) x D x 4 bytes (100k clips of 30k tracklets at the
     default model's D = 4,800: 2.5 GB); float16 would halve it, but BLAS has no float16
     matmul, so every search would convert the whole gallery.
+
+    Large galleries: `ann_index` opens (once per GalleryIndex) a FAISS index over the
+    tracklet descriptors, keyed by tracklet id, persisted in a folder and brought up to date
+    incrementally; `search(..., index=...)` then ranks through it with exact distances.
     """
 
     descriptors: np.ndarray  # [N, D] float32, unit rows
@@ -177,6 +245,8 @@ class GalleryIndex:
     clip_rows: np.ndarray = field(init=False)  # [N] int64: each clip's row in tracklet_rows
     _clips_by_row: np.ndarray = field(init=False, repr=False)  # clip indices grouped by row
     _row_starts: np.ndarray = field(init=False, repr=False)  # [T + 1] offsets into the above
+    _indexes: dict = field(init=False, repr=False)  # ann_index's memo: folder -> AnnIndex | None
+    _indexes_lock: threading.Lock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         clips = np.asarray(self.descriptors, dtype=np.float32)
@@ -198,7 +268,8 @@ class GalleryIndex:
                             ("tracklet_descriptors", unit(sums)),
                             ("tracklet_cameras", np.asarray(self.camera_ids, object)[first]),
                             ("clip_rows", clip_rows.astype(np.int64)),
-                            ("_clips_by_row", grouped), ("_row_starts", starts)):
+                            ("_clips_by_row", grouped), ("_row_starts", starts),
+                            ("_indexes", {}), ("_indexes_lock", threading.Lock())):
             object.__setattr__(self, name, value)
 
     @property
@@ -209,6 +280,33 @@ class GalleryIndex:
     @property
     def dim(self) -> int:
         return int(self.descriptors.shape[1])
+
+    def ann_index(self, directory: Path | None = None, *,
+                  min_rows: int = ANN_MIN_GALLERY) -> AnnIndex | None:
+        """The approximate index of this gallery's tracklets for `search(..., index=...)`,
+        or None when exact search is the one to use: fewer than `min_rows` tracklets, or
+        faiss missing (logged once per gallery).
+
+        Opened once per GalleryIndex and directory (`storage.ann.open_index`): the index saved
+        in `directory` is checked, updated with the tracklets added, grown or deleted since it
+        was saved (a tracklet's version is a hash of its clip ids) and saved again; a damaged
+        or stale one, or one of another model, is rebuilt. None keeps it in memory only.
+        """
+        if len(self.tracklet_rows) < max(min_rows, 1):
+            return None
+        key = None if directory is None else str(directory)
+        with self._indexes_lock:
+            if key not in self._indexes:
+                versions = version_hash(self.clip_ids[self._clips_by_row], self._row_starts)
+                try:
+                    self._indexes[key] = open_index(directory, self.tracklet_descriptors,
+                                                    self.tracklet_rows, versions,
+                                                    str(self.model_id))
+                except AnnUnavailable as exc:
+                    log.warning("exact search over %d tracklets: %s", len(self.tracklet_rows),
+                                exc)
+                    self._indexes[key] = None
+            return self._indexes[key]
 
     def _mask(
         self,
@@ -252,9 +350,13 @@ class GalleryIndex:
         time_range: tuple[float, float] | None = None,
         max_distance: float | None = None,
         rerank: bool = False,
+        index: AnnIndex | None = None,
     ) -> list[SearchHit]:
         """The k tracklets nearest to one query descriptor [D] (made unit), among those that
         pass the filters and lie within `max_distance` (0..2).
+
+        `index`: this gallery's `ann_index` (None: exact search). Either way the hits and
+        their distances are the same kind; the index can only miss a true neighbour.
 
         Each hit's `distance` is the one similarity's distance to the tracklet descriptor and
         its `clip_id` the tracklet's clip nearest to the query. With `rerank`, the
@@ -270,7 +372,8 @@ class GalleryIndex:
         valid = self._mask(camera_ids, exclude_camera_id, exclude_tracklet_id, time_range)
         depth = max(k, RERANK_CANDIDATES) if rerank else k
         dist, rows = nearest(query, self.tracklet_descriptors, depth, valid=valid,
-                             gallery_sq_norms=np.ones(len(self.tracklet_rows), np.float32))
+                             gallery_sq_norms=np.ones(len(self.tracklet_rows), np.float32),
+                             index=index, ids=self.tracklet_rows)
         dist, rows = dist[0], rows[0]
         if max_distance is not None:
             keep = int(np.searchsorted(dist, max_distance, side="right"))

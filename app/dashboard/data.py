@@ -8,14 +8,17 @@ lock.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.engine import make_url
 
 from storage import (
     CameraRecord,
@@ -29,6 +32,8 @@ from storage import (
     open_repository,
     validate_database_url,
 )
+from storage.ann import AnnIndex
+from storage.engine import sqlite_path
 from storage.similarity import describe, similarity_percent
 from tracking.redact import redact
 
@@ -37,6 +42,7 @@ ENV_CHECKPOINT = "KEYREID_DASHBOARD_CHECKPOINT"
 ENV_MODEL = "KEYREID_DASHBOARD_MODEL"
 ENV_DEVICE = "KEYREID_DASHBOARD_DEVICE"
 ENV_MAX_UPLOAD_MB = "KEYREID_DASHBOARD_MAX_UPLOAD_MB"
+ENV_INDEX_DIR = "KEYREID_DASHBOARD_INDEX_DIR"
 DEFAULT_MODEL = "keyreid_vit_tiny"
 DEFAULT_MAX_UPLOAD_MB = 20
 
@@ -164,6 +170,32 @@ def activity_points(repo: Repository, cameras: list[CameraRecord],
             for c in cameras for b in repo.activity(c.id, bucket_seconds=bucket_seconds)]
 
 
+def index_directory(url: str, model_id: str | None,
+                    environ: dict[str, str] | None = None) -> Path | None:
+    """The folder of one model's FAISS search index (`storage.ann`): a sub-folder per model
+    of $KEYREID_DASHBOARD_INDEX_DIR when set, else of `<database file>.index/` beside a
+    SQLite file. None (kept in memory, rebuilt per dashboard start) for other databases
+    without that variable. One folder per model, so switching models never mixes them."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_INDEX_DIR):
+        root = Path(env[ENV_INDEX_DIR]).expanduser()
+    else:
+        database = sqlite_path(make_url(url))
+        if database is None:
+            return None
+        root = database.with_name(database.name + ".index")
+    name = str(model_id)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48]
+    return root / f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def search_index(repo: Repository, gallery: GalleryIndex) -> AnnIndex | None:
+    """The gallery's approximate index for large galleries (None: exact search), opened once
+    per gallery, i.e. each time the dashboard reloads it after new clips: loaded from its
+    folder, updated with the new and grown tracklets and saved (`GalleryIndex.ann_index`)."""
+    return gallery.ann_index(index_directory(repo.url, gallery.model_id))
+
+
 @dataclass(frozen=True)
 class AnnotatedHit:
     """A search hit with what the result card shows: the tracklet now (identity, thumbnail)."""
@@ -202,7 +234,7 @@ def search_by_tracklet(repo: Repository, gallery: GalleryIndex, tracklet_id: int
                              "yet: nothing to search with")
     hits = gallery.search(descriptor, k, camera_ids=camera_ids, time_range=time_range,
                           exclude_camera_id=query.camera_id, max_distance=max_distance,
-                          rerank=rerank)
+                          rerank=rerank, index=search_index(repo, gallery))
     return annotate_hits(repo, hits, query.identity_id)
 
 
@@ -222,7 +254,8 @@ def search_by_descriptor(repo: Repository, gallery: GalleryIndex, descriptor: np
     smaller than the k1 = 20 neighbourhoods the method assumes.
     """
     hits = gallery.search(descriptor, k, camera_ids=camera_ids, time_range=time_range,
-                          max_distance=max_distance, rerank=rerank)
+                          max_distance=max_distance, rerank=rerank,
+                          index=search_index(repo, gallery))
     return annotate_hits(repo, hits, None)
 
 

@@ -1,0 +1,223 @@
+"""The FAISS path of `storage.search` (`storage.ann`): same results as exact on clustered data,
+exact distances, incremental updates, persistence, damage detection, model changes, no faiss."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss")
+
+from app.dashboard import data as dashboard_data  # noqa: E402
+from storage import GalleryIndex, nearest  # noqa: E402
+from storage.ann import MANIFEST, AnnIndex, AnnIndexDamaged, open_index  # noqa: E402
+from storage.bench import clustered_gallery  # noqa: E402
+from storage.similarity import distances  # noqa: E402
+
+N, DIM = 4000, 64
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    return clustered_gallery(N, DIM, 50, np.random.default_rng(1))
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1]
+                          for a, b in zip(found, truth)]))
+
+
+def _exact(queries, gallery, k=10, **kw):
+    return nearest(queries, gallery, k, gallery_sq_norms=np.ones(len(gallery), np.float32), **kw)
+
+
+def test_faiss_path_matches_exact_on_clustered_data_with_exact_distances(clustered):
+    gallery, queries = clustered
+    index = AnnIndex.build(gallery, np.arange(N), None, "m")
+    truth_d, truth = _exact(queries, gallery)
+    dist, rows = _exact(queries, gallery, index=index)
+    assert dist.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (50, 10)
+    assert _recall(rows, truth) >= 0.95
+    for q, d, r in zip(queries, dist, rows):
+        # re-ranked exactly: the one similarity's distances, ascending
+        np.testing.assert_allclose(d, distances(q[None], gallery[r])[0], atol=1e-6)
+        assert np.all(np.diff(d) >= 0)
+    same = (rows == truth).all(axis=1)
+    # where the rows agree so do the distances (to float32 rounding: a batched matmul sums in
+    # another order than a single query's)
+    np.testing.assert_allclose(dist[same], truth_d[same], atol=1e-6)
+
+
+def test_valid_mask_travels_into_faiss_and_narrow_filters_fall_back_to_exact(clustered):
+    gallery, queries = clustered
+    index = AnnIndex.build(gallery, np.arange(N), None, "m")
+    valid = np.arange(N) % 3 != 0
+    truth = _exact(queries, gallery, valid=valid)[1]
+    rows = _exact(queries, gallery, valid=valid, index=index)[1]
+    assert valid[rows].all() and _recall(rows, truth) >= 0.95
+    narrow = np.zeros(N, bool)
+    narrow[[5, 900, 3999]] = True  # fewer valid rows than k: answered by the exact search
+    np.testing.assert_array_equal(_exact(queries, gallery, valid=narrow, index=index)[1],
+                                  _exact(queries, gallery, valid=narrow)[1])
+
+
+def test_an_index_that_does_not_cover_the_gallery_is_refused(clustered):
+    gallery, queries = clustered
+    index = AnnIndex.build(gallery[:3000], np.arange(3000), None, "m")
+    with pytest.raises(ValueError, match="update it first"):
+        _exact(queries, gallery, index=index)
+
+
+def _full_scan(index: AnnIndex, queries: np.ndarray) -> list[dict[int, float]]:
+    """Every indexed id with its code distance, per query (all lists visited)."""
+    faiss = pytest.importorskip("faiss")
+    params = faiss.SearchParametersIVF(nprobe=faiss.extract_index_ivf(index.index).nlist)
+    dist, labels = index.index.search(queries, len(index), params=params)
+    return [dict(zip(row.tolist(), d.tolist())) for row, d in zip(labels, dist)]
+
+
+def test_incremental_update_equals_a_rebuild(clustered):
+    faiss = pytest.importorskip("faiss")
+    gallery, queries = clustered
+    ids = np.arange(N) * 2 + 10  # tracklet-like ids, not row numbers
+    versions = np.zeros(N, np.uint64)
+    index = AnnIndex.build(gallery[:3000], ids[:3000], versions[:3000], "m")
+    # 1,000 new rows, 300 rows that changed (a tracklet gained a clip), 200 deleted
+    moved = gallery.copy()
+    moved[100:400] += 0.5 * gallery[3000:3300]
+    moved[100:400] /= np.linalg.norm(moved[100:400], axis=1, keepdims=True)
+    versions[100:400] = 1
+    keep = np.ones(N, bool)
+    keep[2000:2200] = False
+    final, final_ids = moved[keep], ids[keep]
+    added, removed = index.update(final, final_ids, versions[keep])
+    assert (added, removed) == (1000 + 300, 300 + 200)
+    assert len(index) == keep.sum() and index.ids.tolist() == final_ids.tolist()
+    assert index.update(final, final_ids, versions[keep]) == (0, 0)
+    # the same quantiser given the final rows at once holds exactly the same codes and ids
+    rebuilt = AnnIndex(index=faiss.clone_index(index.index), model_id="m", dim=DIM,
+                       ids=final_ids, versions=versions[keep], trained_rows=3000)
+    rebuilt.index.reset()
+    rebuilt.index.add_with_ids(final, final_ids)
+    assert _full_scan(index, queries[:5]) == _full_scan(rebuilt, queries[:5])
+    # and a rebuild from scratch (new quantiser) finds the same neighbours
+    truth = _exact(queries, final)[1]
+    fresh = AnnIndex.build(final, final_ids, versions[keep], "m")
+    for candidate in (index, fresh):
+        assert _recall(_exact(queries, final, index=candidate, ids=final_ids)[1], truth) >= 0.9
+
+
+def test_persistence_round_trip(clustered, tmp_path, caplog):
+    gallery, queries = clustered
+    folder = tmp_path / "index"
+    first = open_index(folder, gallery[:3500], np.arange(3500), None, "m")
+    names = sorted(p.name for p in folder.iterdir())
+    assert MANIFEST in names and len(names) == 3  # manifest, index, entries; no temp files
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="storage.ann"):
+        again = open_index(folder, gallery[:3500], np.arange(3500), None, "m")
+    assert "0 rows added, 0 removed" in caplog.text and "building" not in caplog.text
+    np.testing.assert_array_equal(again.search(queries, 50), first.search(queries, 50))
+    grown = open_index(folder, gallery, np.arange(N), None, "m")  # incremental, saved again
+    assert len(grown) == N and len(AnnIndex.load(folder, "m", DIM)) == N
+    assert len(list(folder.iterdir())) == 3  # the previous generation's files are gone
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_a_damaged_index_on_disk_is_detected_and_rebuilt(clustered, tmp_path, caplog, damage):
+    gallery, queries = clustered
+    folder = tmp_path / "index"
+    open_index(folder, gallery, np.arange(N), None, "m")
+    caplog.clear()
+    (path,) = folder.glob("index-*.faiss")
+    if damage == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+    elif damage == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    else:
+        (folder / MANIFEST).write_text('{"format": 1, "mod')
+    with pytest.raises(AnnIndexDamaged):
+        AnnIndex.load(folder, "m", DIM)
+    with caplog.at_level(logging.WARNING, logger="storage.ann"):
+        index = open_index(folder, gallery, np.arange(N), None, "m")
+    assert "building the search index" in caplog.text
+    assert _recall(_exact(queries, gallery, index=index)[1], _exact(queries, gallery)[1]) >= 0.95
+    assert len(AnnIndex.load(folder, "m", DIM)) == N  # the rebuilt index was saved, intact
+
+
+def test_a_model_change_rebuilds(clustered, tmp_path, caplog):
+    gallery, _ = clustered
+    folder = tmp_path / "index"
+    open_index(folder, gallery, np.arange(N), None, "model-a")
+    caplog.clear()
+    other = np.ascontiguousarray(gallery[::-1])  # model b: other descriptors, same ids
+    with caplog.at_level(logging.WARNING, logger="storage.ann"):
+        index = open_index(folder, other, np.arange(N), None, "model-b")
+    assert "model 'model-a'" in caplog.text and index.model_id == "model-b"
+    assert json.loads((folder / MANIFEST).read_text())["model_id"] == "model-b"
+    # nothing of model a is left: the index finds model b's rows
+    rows = _exact(other[:20], other, k=1, index=index)[1]
+    assert rows[:, 0].tolist() == list(range(20))
+
+
+def _gallery_index(gallery: np.ndarray, model_id: str = "m") -> GalleryIndex:
+    """A tracklet gallery: clip pairs as tracklets on two cameras."""
+    tracklet_ids = np.arange(len(gallery)) // 2 + 1
+    return GalleryIndex(
+        descriptors=gallery.copy(), clip_ids=np.arange(len(gallery), dtype=np.int64) + 1,
+        tracklet_ids=tracklet_ids, camera_ids=np.where(tracklet_ids % 2, "a", "b").astype(object),
+        start_times=np.zeros(len(gallery)), end_times=np.ones(len(gallery)),
+        tracklets={int(t): ("a" if t % 2 else "b", int(t), 0.0, 1.0, None)
+                   for t in tracklet_ids}, model_id=model_id)
+
+
+def test_gallery_search_through_the_index_returns_the_exact_kind_of_hits(clustered, tmp_path):
+    gallery, queries = clustered
+    index = _gallery_index(gallery)
+    ann = index.ann_index(tmp_path / "index", min_rows=0)
+    assert ann is not None and index.ann_index(tmp_path / "index", min_rows=0) is ann
+    assert index.ann_index(tmp_path / "index") is None or len(index.tracklet_rows) >= 50_000
+    agree = []
+    for q in queries[:20]:
+        exact = index.search(q, 10, exclude_camera_id="b")
+        approximate = index.search(q, 10, exclude_camera_id="b", index=ann)
+        assert all(type(h) is type(e) for h, e in zip(approximate, exact))
+        assert all(h.camera_id == "a" for h in approximate)
+        agree.append(len({h.tracklet_id for h in exact} & {h.tracklet_id for h in approximate}))
+        for hit in approximate:
+            row = int(np.searchsorted(index.tracklet_rows, hit.tracklet_id))
+            expected = distances(q[None] / np.linalg.norm(q),
+                                 index.tracklet_descriptors[row:row + 1])[0, 0]
+            assert hit.distance == pytest.approx(float(expected), abs=1e-6)
+    assert np.mean(agree) / 10 >= 0.95
+
+
+def test_dashboard_keeps_one_index_folder_per_model_beside_the_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'keyreid.db'}"
+    a = dashboard_data.index_directory(url, "keyreid_vit_tiny:abc/1", environ={})
+    b = dashboard_data.index_directory(url, "other", environ={})
+    assert a.parent == b.parent == tmp_path / "keyreid.db.index" and a != b
+    assert "/" not in a.name and a.name.startswith("keyreid_vit_tiny_abc_1-")
+    assert dashboard_data.index_directory("postgresql://u@h/db", "m", environ={}) is None
+    given = dashboard_data.index_directory(
+        "postgresql://u@h/db", "m", environ={dashboard_data.ENV_INDEX_DIR: str(tmp_path)})
+    assert given.parent == tmp_path
+
+
+def test_without_faiss_the_search_is_exact_and_says_why(clustered, tmp_path, monkeypatch,
+                                                        caplog):
+    gallery, queries = clustered
+    index = _gallery_index(gallery)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    with caplog.at_level(logging.WARNING, logger="storage.search"):
+        assert index.ann_index(tmp_path / "index", min_rows=0) is None
+    assert "exact search" in caplog.text and "faiss is not importable" in caplog.text
+    assert not (tmp_path / "index").exists()
+    hits = index.search(queries[0], 5, index=index.ann_index(tmp_path / "index", min_rows=0))
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
