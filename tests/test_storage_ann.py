@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -18,12 +19,31 @@ from storage.ann import MANIFEST, AnnIndex, AnnIndexDamaged, open_index  # noqa:
 from storage.bench import clustered_gallery  # noqa: E402
 from storage.similarity import distances  # noqa: E402
 
-N, DIM = 4000, 64
+N, DIM = 3000, 64
 
 
 @pytest.fixture(scope="module")
 def clustered():
     return clustered_gallery(N, DIM, 50, np.random.default_rng(1))
+
+
+@pytest.fixture(scope="module")
+def built(clustered) -> AnnIndex:
+    """An index of the whole clustered gallery, ids = row numbers (read-only for tests)."""
+    return AnnIndex.build(clustered[0], np.arange(N), None, "m")
+
+
+@pytest.fixture(scope="module")
+def saved(built, tmp_path_factory):
+    """A folder holding `built`, saved; tests copy it before damaging it."""
+    folder = tmp_path_factory.mktemp("saved") / "index"
+    built.save(folder)
+    return folder
+
+
+@pytest.fixture
+def folder(saved, tmp_path):
+    return shutil.copytree(saved, tmp_path / "index")
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -35,9 +55,9 @@ def _exact(queries, gallery, k=10, **kw):
     return nearest(queries, gallery, k, gallery_sq_norms=np.ones(len(gallery), np.float32), **kw)
 
 
-def test_faiss_path_matches_exact_on_clustered_data_with_exact_distances(clustered):
+def test_faiss_path_matches_exact_on_clustered_data_with_exact_distances(clustered, built):
     gallery, queries = clustered
-    index = AnnIndex.build(gallery, np.arange(N), None, "m")
+    index = built
     truth_d, truth = _exact(queries, gallery)
     dist, rows = _exact(queries, gallery, index=index)
     assert dist.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (50, 10)
@@ -52,24 +72,23 @@ def test_faiss_path_matches_exact_on_clustered_data_with_exact_distances(cluster
     np.testing.assert_allclose(dist[same], truth_d[same], atol=1e-6)
 
 
-def test_valid_mask_travels_into_faiss_and_narrow_filters_fall_back_to_exact(clustered):
+def test_valid_mask_travels_into_faiss_and_narrow_filters_fall_back_to_exact(clustered, built):
     gallery, queries = clustered
-    index = AnnIndex.build(gallery, np.arange(N), None, "m")
+    index = built
     valid = np.arange(N) % 3 != 0
     truth = _exact(queries, gallery, valid=valid)[1]
     rows = _exact(queries, gallery, valid=valid, index=index)[1]
     assert valid[rows].all() and _recall(rows, truth) >= 0.95
     narrow = np.zeros(N, bool)
-    narrow[[5, 900, 3999]] = True  # fewer valid rows than k: answered by the exact search
+    narrow[[5, 900, N - 1]] = True  # fewer valid rows than k: answered by the exact search
     np.testing.assert_array_equal(_exact(queries, gallery, valid=narrow, index=index)[1],
                                   _exact(queries, gallery, valid=narrow)[1])
 
 
-def test_an_index_that_does_not_cover_the_gallery_is_refused(clustered):
+def test_an_index_that_does_not_cover_the_gallery_is_refused(clustered, built):
     gallery, queries = clustered
-    index = AnnIndex.build(gallery[:3000], np.arange(3000), None, "m")
     with pytest.raises(ValueError, match="update it first"):
-        _exact(queries, gallery, index=index)
+        _exact(queries, gallery[:-1], index=built)
 
 
 def _full_scan(index: AnnIndex, queries: np.ndarray) -> list[dict[int, float]]:
@@ -85,14 +104,14 @@ def test_incremental_update_equals_a_rebuild(clustered):
     gallery, queries = clustered
     ids = np.arange(N) * 2 + 10  # tracklet-like ids, not row numbers
     versions = np.zeros(N, np.uint64)
-    index = AnnIndex.build(gallery[:3000], ids[:3000], versions[:3000], "m")
+    index = AnnIndex.build(gallery[:2000], ids[:2000], versions[:2000], "m")
     # 1,000 new rows, 300 rows that changed (a tracklet gained a clip), 200 deleted
     moved = gallery.copy()
-    moved[100:400] += 0.5 * gallery[3000:3300]
+    moved[100:400] += 0.5 * gallery[2000:2300]
     moved[100:400] /= np.linalg.norm(moved[100:400], axis=1, keepdims=True)
     versions[100:400] = 1
     keep = np.ones(N, bool)
-    keep[2000:2200] = False
+    keep[1500:1700] = False
     final, final_ids = moved[keep], ids[keep]
     added, removed = index.update(final, final_ids, versions[keep])
     assert (added, removed) == (1000 + 300, 300 + 200)
@@ -100,7 +119,7 @@ def test_incremental_update_equals_a_rebuild(clustered):
     assert index.update(final, final_ids, versions[keep]) == (0, 0)
     # the same quantiser given the final rows at once holds exactly the same codes and ids
     rebuilt = AnnIndex(index=faiss.clone_index(index.index), model_id="m", dim=DIM,
-                       ids=final_ids, versions=versions[keep], trained_rows=3000)
+                       ids=final_ids, versions=versions[keep], trained_rows=2000)
     rebuilt.index.reset()
     rebuilt.index.add_with_ids(final, final_ids)
     assert _full_scan(index, queries[:5]) == _full_scan(rebuilt, queries[:5])
@@ -114,12 +133,12 @@ def test_incremental_update_equals_a_rebuild(clustered):
 def test_persistence_round_trip(clustered, tmp_path, caplog):
     gallery, queries = clustered
     folder = tmp_path / "index"
-    first = open_index(folder, gallery[:3500], np.arange(3500), None, "m")
+    first = open_index(folder, gallery[:2500], np.arange(2500), None, "m")
     names = sorted(p.name for p in folder.iterdir())
     assert MANIFEST in names and len(names) == 3  # manifest, index, entries; no temp files
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="storage.ann"):
-        again = open_index(folder, gallery[:3500], np.arange(3500), None, "m")
+        again = open_index(folder, gallery[:2500], np.arange(2500), None, "m")
     assert "0 rows added, 0 removed" in caplog.text and "building" not in caplog.text
     np.testing.assert_array_equal(again.search(queries, 50), first.search(queries, 50))
     grown = open_index(folder, gallery, np.arange(N), None, "m")  # incremental, saved again
@@ -128,11 +147,9 @@ def test_persistence_round_trip(clustered, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
-def test_a_damaged_index_on_disk_is_detected_and_rebuilt(clustered, tmp_path, caplog, damage):
+def test_a_damaged_index_on_disk_is_detected_and_rebuilt(clustered, folder, caplog, damage):
     gallery, queries = clustered
-    folder = tmp_path / "index"
-    open_index(folder, gallery, np.arange(N), None, "m")
-    caplog.clear()
+    assert len(AnnIndex.load(folder, "m", DIM)) == N
     (path,) = folder.glob("index-*.faiss")
     if damage == "truncate":
         os.truncate(path, path.stat().st_size // 2)
@@ -151,17 +168,14 @@ def test_a_damaged_index_on_disk_is_detected_and_rebuilt(clustered, tmp_path, ca
     assert len(AnnIndex.load(folder, "m", DIM)) == N  # the rebuilt index was saved, intact
 
 
-def test_a_model_change_rebuilds(clustered, tmp_path, caplog):
+def test_a_model_change_rebuilds(clustered, folder, caplog):
     gallery, _ = clustered
-    folder = tmp_path / "index"
-    open_index(folder, gallery, np.arange(N), None, "model-a")
-    caplog.clear()
     other = np.ascontiguousarray(gallery[::-1])  # model b: other descriptors, same ids
     with caplog.at_level(logging.WARNING, logger="storage.ann"):
         index = open_index(folder, other, np.arange(N), None, "model-b")
-    assert "model 'model-a'" in caplog.text and index.model_id == "model-b"
+    assert "model 'm'" in caplog.text and index.model_id == "model-b"
     assert json.loads((folder / MANIFEST).read_text())["model_id"] == "model-b"
-    # nothing of model a is left: the index finds model b's rows
+    # nothing of model m is left: the index finds model b's rows
     rows = _exact(other[:20], other, k=1, index=index)[1]
     assert rows[:, 0].tolist() == list(range(20))
 
