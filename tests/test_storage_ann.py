@@ -224,6 +224,41 @@ def test_dashboard_keeps_one_index_folder_per_model_beside_the_database(tmp_path
     assert given.parent == tmp_path
 
 
+def test_dashboard_search_index_lives_beside_the_database(tmp_path):
+    from storage import NewClip, open_repository
+
+    url = f"sqlite:///{tmp_path / 'keyreid.db'}"
+    rng = np.random.default_rng(2)
+    people = clustered_gallery(300, DIM, 1, rng)[0]
+    with open_repository(url) as repo:
+        repo.acquire_writer("test")
+        run = repo.start_run({})
+        for camera in ("cam_a", "cam_b"):
+            repo.upsert_camera(camera, name=camera, source=f"{camera}.mp4")
+        for row, person in enumerate(people):
+            camera = "cam_a" if row % 2 else "cam_b"
+            tid = repo.add_tracklet(run, camera, track_id=row, first_frame=0, first_time=row,
+                                    last_frame=10, last_time=row + 1.0, finished=True)
+            repo.add_clips([NewClip(tracklet_id=tid, frame_indices=[1, 2, 3, 4],
+                                    start_time=row + c, end_time=row + c + 0.5, model_id="m",
+                                    descriptor=person + 0.02 * rng.standard_normal(DIM))
+                            for c in range(2)])
+        repo.finish_run(run)
+    with open_repository(url, readonly=True) as repo:
+        gallery = repo.gallery_index("m")
+        assert dashboard_data.search_index(repo, gallery) is None  # 300 < ANN_MIN_GALLERY
+        index = dashboard_data.search_index(repo, gallery, min_rows=0)
+        folder = dashboard_data.index_directory(url, "m", environ={})
+        assert index is not None and (folder / MANIFEST).exists()
+        assert folder.parent == tmp_path / "keyreid.db.index"
+        for query in people[:10]:
+            exact = gallery.search(query, 5, exclude_camera_id="cam_a")
+            approximate = gallery.search(query, 5, exclude_camera_id="cam_a", index=index)
+            assert [h.tracklet_id for h in approximate] == [h.tracklet_id for h in exact]
+            assert [h.distance for h in approximate] == pytest.approx(
+                [h.distance for h in exact], abs=1e-6)
+
+
 def test_without_faiss_the_search_is_exact_and_says_why(clustered, tmp_path, monkeypatch,
                                                         caplog):
     gallery, queries = clustered

@@ -32,7 +32,7 @@ from storage import (
     open_repository,
     validate_database_url,
 )
-from storage.ann import AnnIndex
+from storage.ann import ANN_MIN_GALLERY, AnnIndex
 from storage.engine import sqlite_path
 from storage.similarity import describe, similarity_percent
 from tracking.redact import redact
@@ -189,11 +189,13 @@ def index_directory(url: str, model_id: str | None,
     return root / f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def search_index(repo: Repository, gallery: GalleryIndex) -> AnnIndex | None:
-    """The gallery's approximate index for large galleries (None: exact search), opened once
-    per gallery, i.e. each time the dashboard reloads it after new clips: loaded from its
-    folder, updated with the new and grown tracklets and saved (`GalleryIndex.ann_index`)."""
-    return gallery.ann_index(index_directory(repo.url, gallery.model_id))
+def search_index(repo: Repository, gallery: GalleryIndex, *,
+                 min_rows: int = ANN_MIN_GALLERY) -> AnnIndex | None:
+    """The gallery's approximate index once it holds `min_rows` tracklets (None: exact
+    search), opened once per gallery, i.e. each time the dashboard reloads it after new
+    clips: loaded from its folder, updated with the new, grown and deleted tracklets and saved
+    (`GalleryIndex.ann_index`)."""
+    return gallery.ann_index(index_directory(repo.url, gallery.model_id), min_rows=min_rows)
 
 
 @dataclass(frozen=True)
