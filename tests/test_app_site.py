@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from support import bus_video, run_watcher, wait_for
 
 from app.dashboard.data import (
     activity_points,
@@ -19,7 +20,6 @@ from app.dashboard.data import (
     time_bounds,
 )
 from storage import open_repository
-from support import bus_video, run_watcher, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +80,11 @@ def _seed_calibration(url: str) -> None:
             "genuine_samples": np.abs(rng.normal(0.0, 0.01, 2000)).round(5).tolist(),
             "impostor_samples": rng.normal(0.8, 0.1, 2000).round(5).tolist()})
         repo.finish_run(run)
+
+
+def _clips_of(url: str, camera: str) -> int:
+    with open_repository(url, readonly=True) as repo:
+        return sum(len(repo.tracklet_clips(t.id)) for t in repo.list_tracklets([camera]))
 
 
 def _summary(log: str) -> tuple[int, int, int]:
@@ -151,3 +156,40 @@ def test_two_watchers_write_one_postgresql_database_and_one_links(tmp_path, weig
             assert hits[0].same_identity
         finally:
             dashboard.close()
+
+
+def test_when_the_linking_watcher_dies_another_takes_linking_over(tmp_path, weights, postgres):
+    """kill -9 of the linking watcher: the server drops its lock with its connection, the other
+    watcher takes linking over within seconds (and says so) and links what is finished."""
+    url = postgres.database()
+    _long_bus_video(tmp_path / "long.mkv", 1200)
+    north = _config(tmp_path, weights, url, "north", "long.mkv")
+    south = _config(tmp_path, weights, url, "south", "long.mkv")
+    first = run_watcher(north, "--realtime", wait=False)
+    second = None
+    try:
+        wait_for(lambda: LINKS in first.log.read_text(), 180, "north to take the linker lock",
+                 first)
+        second = run_watcher(south, "--realtime", wait=False)
+        wait_for(lambda: STORES_ONLY in second.log.read_text(), 180, "south to store only",
+                 second)
+        wait_for(lambda: _clips_of(url, "south") >= 4, 180, "south's first clips", second)
+        first.kill()
+        first.wait(timeout=10)
+        wait_for(lambda: TAKES_OVER in second.log.read_text(), 30, "south to take over linking",
+                 second)
+        second.send_signal(signal.SIGINT)
+        second.wait(timeout=120)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    south_log = second.log.read_text()
+    assert second.returncode == 0, south_log[-3000:]
+    with open_repository(url, readonly=True) as repo:
+        north_run, south_run = (r for r in repo.list_runs())
+        assert north_run.status == "running"  # killed: the next repair marks it aborted
+        finished = repo.list_tracklets(run_id=south_run.id)
+        assert finished and all(t.finished and t.identity_id is not None for t in finished)
+        assert repo.count_identities() >= 1
