@@ -198,6 +198,13 @@ class Repository:
             raise StorageError(f"{self.url}: linking needs the writer lock")
         return self._site is None or self._site.claim_linker()
 
+    def keep_alive(self) -> None:
+        """Ping this writer's lock session (PostgreSQL), reconnecting and taking its run locks
+        again if it was lost: the server ends a session idle too long (`storage.lock`), and a
+        watcher that does not link would otherwise look dead to the others. No-op on SQLite."""
+        if self._site is not None:
+            self._site.ensure()
+
     def other_writers_alive(self, run_id: int) -> bool:
         """Whether a run other than `run_id` has a live watcher (always False on SQLite, whose
         one writer is this one)."""

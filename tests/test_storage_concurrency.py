@@ -330,3 +330,22 @@ def test_a_link_waits_for_a_merge_in_progress_on_postgresql_and_follows_it(postg
         assert result == [keep]
         assert repo.get_tracklet(third).identity_id == keep
         assert repo.get_identity(merged).member_count == 0
+
+
+def test_a_lost_lock_session_is_reconnected_with_its_run_locks(postgres):
+    """The server ends a watcher's lock session (idle timeout, restart, an administrator):
+    `keep_alive` reconnects, the run is alive again, and the linker lock can be claimed again."""
+    url = postgres.database()
+    with open_repository(url) as repo:
+        repo.acquire_writer("watcher")
+        run = repo.start_run({})
+        assert repo.claim_linker()
+        postgres.sql("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                     "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()",
+                     database=url.rsplit("/", 1)[1])
+        with open_repository(url) as observer:
+            observer.acquire_writer("observer")
+            assert not observer.other_writers_alive(run_id=0)  # the session and its locks gone
+            repo.keep_alive()
+            assert observer.other_writers_alive(run_id=0) and run in observer._site.alive_runs()
+        assert repo.claim_linker()

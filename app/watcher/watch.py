@@ -352,6 +352,7 @@ class Watcher:
                     break
                 if now - last_db_status >= DB_STATUS_INTERVAL_S:
                     self._store_camera_status()
+                    self._direct("the writer's lock session", self.repo.keep_alive)
                     last_db_status = now
                 if now - last_retention >= config.retention.interval:
                     self._enforce_retention()
