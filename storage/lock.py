@@ -120,6 +120,7 @@ class SiteSession:
         self.linker = False
 
     def _try(self, conn: Connection, a: int, b: int) -> bool:
+        """Take the session lock (a, b) if it is free (or already ours); never waits."""
         return bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
                                  {"a": a, "b": b}).scalar())
 
@@ -134,11 +135,16 @@ class SiteSession:
             self.linker = False
         try:
             conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(
+                f"{self._shown}: the watcher's lock connection failed: {exc.orig or exc}") from exc
+        try:
             conn.execute(text("SELECT set_config('idle_session_timeout', :t, false)"),
                          {"t": IDLE_SESSION_TIMEOUT})
             for run_id in self._runs:
                 self._try(conn, RUN_KEY, run_id)
         except SQLAlchemyError as exc:
+            conn.close()
             raise StorageUnavailableError(
                 f"{self._shown}: the watcher's lock connection failed: {exc.orig or exc}") from exc
         self._conn = conn
