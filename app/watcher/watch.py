@@ -712,10 +712,13 @@ class Watcher:
 
     def _summary(self, row: UnlinkedTracklet) -> TrackletSummary:
         """What the linker needs of a finished tracklet: this watcher's own exact descriptors
-        when it has them, else (another watcher's) as stored."""
+        when it has them, else (another watcher's, or one finished before this watcher took
+        linking over) as stored, with the operator's rejections stored for it so far."""
         own = self.own_finished.pop(row.tracklet_id, None)
         if own is not None:
             return own
+        for identity_id in self.repo.rejected_identities(row.tracklet_id):
+            self.linker.cannot_link(row.tracklet_id, identity_id)
         return TrackletSummary.from_clips(row.tracklet_id, row.camera_id, row.clips,
                                           row.clip_times, first_time=row.first_time,
                                           last_time=row.last_time)
