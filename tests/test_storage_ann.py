@@ -2,6 +2,7 @@
 exact distances, incremental updates, persistence, damage detection, model changes, no faiss."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -11,15 +12,15 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("faiss")
-
-from app.dashboard import data as dashboard_data  # noqa: E402
-from storage import GalleryIndex, nearest  # noqa: E402
-from storage.ann import MANIFEST, AnnIndex, AnnIndexDamaged, open_index  # noqa: E402
-from storage.bench import clustered_gallery  # noqa: E402
-from storage.similarity import distances  # noqa: E402
+from app.dashboard import data as dashboard_data
+from storage import GalleryIndex, nearest
+from storage.ann import MANIFEST, AnnIndex, AnnIndexDamaged, open_index
+from storage.bench import clustered_gallery
+from storage.similarity import distances
 
 N, DIM = 3000, 64
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
+                                 reason="faiss-cpu (the `site` extra) is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,7 @@ def _exact(queries, gallery, k=10, **kw):
     return nearest(queries, gallery, k, gallery_sq_norms=np.ones(len(gallery), np.float32), **kw)
 
 
+@needs_faiss
 def test_faiss_path_matches_exact_on_clustered_data_with_exact_distances(clustered, built):
     gallery, queries = clustered
     index = built
@@ -72,6 +74,7 @@ def test_faiss_path_matches_exact_on_clustered_data_with_exact_distances(cluster
     np.testing.assert_allclose(dist[same], truth_d[same], atol=1e-6)
 
 
+@needs_faiss
 def test_valid_mask_travels_into_faiss_and_narrow_filters_fall_back_to_exact(clustered, built):
     gallery, queries = clustered
     index = built
@@ -85,6 +88,7 @@ def test_valid_mask_travels_into_faiss_and_narrow_filters_fall_back_to_exact(clu
                                   _exact(queries, gallery, valid=narrow)[1])
 
 
+@needs_faiss
 def test_an_index_that_does_not_cover_the_gallery_is_refused(clustered, built):
     gallery, queries = clustered
     with pytest.raises(ValueError, match="update it first"):
@@ -93,14 +97,17 @@ def test_an_index_that_does_not_cover_the_gallery_is_refused(clustered, built):
 
 def _full_scan(index: AnnIndex, queries: np.ndarray) -> list[dict[int, float]]:
     """Every indexed id with its code distance, per query (all lists visited)."""
-    faiss = pytest.importorskip("faiss")
+    import faiss
+
     params = faiss.SearchParametersIVF(nprobe=faiss.extract_index_ivf(index.index).nlist)
     dist, labels = index.index.search(queries, len(index), params=params)
     return [dict(zip(row.tolist(), d.tolist())) for row, d in zip(labels, dist)]
 
 
+@needs_faiss
 def test_incremental_update_equals_a_rebuild(clustered):
-    faiss = pytest.importorskip("faiss")
+    import faiss
+
     gallery, queries = clustered
     ids = np.arange(N) * 2 + 10  # tracklet-like ids, not row numbers
     versions = np.zeros(N, np.uint64)
@@ -130,6 +137,7 @@ def test_incremental_update_equals_a_rebuild(clustered):
         assert _recall(_exact(queries, final, index=candidate, ids=final_ids)[1], truth) >= 0.9
 
 
+@needs_faiss
 def test_persistence_round_trip(clustered, tmp_path, caplog):
     gallery, queries = clustered
     folder = tmp_path / "index"
@@ -146,6 +154,7 @@ def test_persistence_round_trip(clustered, tmp_path, caplog):
     assert len(list(folder.iterdir())) == 3  # the previous generation's files are gone
 
 
+@needs_faiss
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_a_damaged_index_on_disk_is_detected_and_rebuilt(clustered, folder, caplog, damage):
     gallery, queries = clustered
@@ -168,6 +177,7 @@ def test_a_damaged_index_on_disk_is_detected_and_rebuilt(clustered, folder, capl
     assert len(AnnIndex.load(folder, "m", DIM)) == N  # the rebuilt index was saved, intact
 
 
+@needs_faiss
 def test_a_model_change_rebuilds(clustered, folder, caplog):
     gallery, _ = clustered
     other = np.ascontiguousarray(gallery[::-1])  # model b: other descriptors, same ids
@@ -191,6 +201,7 @@ def _gallery_index(gallery: np.ndarray, model_id: str = "m") -> GalleryIndex:
                    for t in tracklet_ids}, model_id=model_id)
 
 
+@needs_faiss
 def test_gallery_search_through_the_index_returns_the_exact_kind_of_hits(clustered, tmp_path):
     gallery, queries = clustered
     index = _gallery_index(gallery)
@@ -224,6 +235,7 @@ def test_dashboard_keeps_one_index_folder_per_model_beside_the_database(tmp_path
     assert given.parent == tmp_path
 
 
+@needs_faiss
 def test_dashboard_search_index_lives_beside_the_database(tmp_path):
     from storage import NewClip, open_repository
 
