@@ -45,6 +45,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ANN_MIN_GALLERY = 50_000  # rows; below this exact search is used (see README "Search at scale")
+MIN_TRAIN_ROWS = 256  # fewer rows cannot train 16 lists of 16 PQ centroids (tests go this low)
 FORMAT = 1
 MANIFEST = "manifest.json"
 REBUILD_GROWTH = 8  # rebuild when the index holds this many times its training size
@@ -103,7 +104,8 @@ class AnnIndex:
     """A FAISS IVF index over unit descriptors keyed by int64 ids, with what it holds.
 
     `ids` (ascending, unique) and `versions` (uint64, aligned) are the indexed rows and the
-    version each was indexed at; `trained_rows` the gallery size its quantiser was trained on.
+    version each was indexed at; `trained_rows` the gallery size its quantiser was trained on,
+    `factory` its FAISS index_factory description.
     Not safe for concurrent `update` and `search`: the caller serialises updates.
     """
 
@@ -113,6 +115,7 @@ class AnnIndex:
     ids: np.ndarray
     versions: np.ndarray
     trained_rows: int
+    factory: str
     nprobe: int = DEFAULT_NPROBE
     depth: int = DEFAULT_DEPTH
 
@@ -124,10 +127,6 @@ class AnnIndex:
         """What it is, for logs and the benchmark, e.g. 'IVF1024,PQ128x4 nprobe 16 depth 300'."""
         return f"{self.factory} nprobe {self.nprobe} depth {self.depth}"
 
-    @property
-    def factory(self) -> str:
-        return factory_string(self.trained_rows, self.dim)
-
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, versions: np.ndarray | None,
               model_id: str, *, seed: int = 0) -> AnnIndex:
@@ -135,7 +134,10 @@ class AnnIndex:
         faiss = import_faiss()
         vectors, ids, versions = _rows(vectors, ids, versions)
         n, dim = vectors.shape
-        index = faiss.index_factory(dim, factory_string(n, dim))
+        if n < MIN_TRAIN_ROWS:
+            raise ValueError(f"an approximate index needs >= {MIN_TRAIN_ROWS} rows, got {n}")
+        factory = factory_string(n, dim)
+        index = faiss.index_factory(dim, factory)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = TRAIN_ITERATIONS
         sample = min(n, TRAIN_POINTS_PER_LIST * ivf.nlist)
@@ -143,7 +145,7 @@ class AnnIndex:
         index.train(vectors[rows])
         index.add_with_ids(vectors, ids)
         return cls(index=index, model_id=model_id, dim=dim, ids=ids, versions=versions,
-                   trained_rows=n)
+                   trained_rows=n, factory=factory)
 
     def update(self, vectors: np.ndarray, ids: np.ndarray,
                versions: np.ndarray | None) -> tuple[int, int]:
@@ -218,6 +220,7 @@ class AnnIndex:
             manifest = json.loads((directory / MANIFEST).read_text())
             files = {role: manifest["files"][role] for role in ("index", "entries")}
             found = (manifest["format"], manifest["model_id"], manifest["dim"])
+            trained, factory = int(manifest["trained_rows"]), str(manifest["factory"])
         except FileNotFoundError:
             raise AnnIndexDamaged(f"no index in {directory}") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -247,7 +250,7 @@ class AnnIndex:
                                   f"of {index.ntotal} x {index.d}")
         return cls(index=index, model_id=model_id, dim=dim, ids=entries[0].copy(),
                    versions=entries[1].view(np.uint64).copy(),
-                   trained_rows=int(manifest["trained_rows"]))
+                   trained_rows=trained, factory=factory)
 
 
 def open_index(directory: Path | None, vectors: np.ndarray, ids: np.ndarray,

@@ -35,7 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .ann import ANN_MIN_GALLERY, AnnIndex, AnnUnavailable, open_index, version_hash
+from .ann import (
+    ANN_MIN_GALLERY,
+    MIN_TRAIN_ROWS,
+    AnnIndex,
+    AnnUnavailable,
+    open_index,
+    version_hash,
+)
 from .records import SearchHit
 from .rerank import k_reciprocal
 from .similarity import distances, unit
@@ -270,15 +277,16 @@ class GalleryIndex:
     def ann_index(self, directory: Path | None = None, *,
                   min_rows: int = ANN_MIN_GALLERY) -> AnnIndex | None:
         """The approximate index of this gallery's tracklets for `search(..., index=...)`,
-        or None when exact search is the one to use: fewer than `min_rows` tracklets, or
-        faiss missing (logged once per gallery).
+        or None when exact search is the one to use: fewer than `min_rows` tracklets (and
+        never fewer than `storage.ann.MIN_TRAIN_ROWS`), or faiss missing (logged once per
+        gallery).
 
         Opened once per GalleryIndex and directory (`storage.ann.open_index`): the index saved
         in `directory` is checked, updated with the tracklets added, grown or deleted since it
         was saved (a tracklet's version is a hash of its clip ids) and saved again; a damaged
         or stale one, or one of another model, is rebuilt. None keeps it in memory only.
         """
-        if len(self.tracklet_rows) < max(min_rows, 1):
+        if len(self.tracklet_rows) < max(min_rows, MIN_TRAIN_ROWS):
             return None
         key = None if directory is None else str(directory)
         with self._indexes_lock:

@@ -126,7 +126,8 @@ def test_incremental_update_equals_a_rebuild(clustered):
     assert index.update(final, final_ids, versions[keep]) == (0, 0)
     # the same quantiser given the final rows at once holds exactly the same codes and ids
     rebuilt = AnnIndex(index=faiss.clone_index(index.index), model_id="m", dim=DIM,
-                       ids=final_ids, versions=versions[keep], trained_rows=2000)
+                       ids=final_ids, versions=versions[keep], trained_rows=2000,
+                       factory=index.factory)
     rebuilt.index.reset()
     rebuilt.index.add_with_ids(final, final_ids)
     assert _full_scan(index, queries[:5]) == _full_scan(rebuilt, queries[:5])
