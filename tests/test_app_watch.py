@@ -122,7 +122,9 @@ def _children(pid: int) -> list[int]:
 
 
 def test_kill_9_keeps_committed_clips_restart_continues_second_watcher_refused(tmp_path, weights):
-    bus_video(tmp_path / "bus.mkv", 120)
+    # 40 s at --realtime: the first run must still be running when it is killed, even on a
+    # loaded machine where the refused second watcher takes a while to start
+    bus_video(tmp_path / "bus.mkv", 400)
     config = watcher_config(tmp_path, weights, HALVES)
     db = tmp_path / "watch.db"
     first = run_watcher(config, "--realtime", wait=False)
