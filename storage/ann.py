@@ -2,7 +2,7 @@
 
 Why: exact search reads every stored descriptor per query (1M x 512-d float32 is 2 GB, about
 100 ms here). Past `ANN_MIN_GALLERY` rows an inverted-file index with product-quantised codes
-(FAISS `IVF{nlist},PQ{dim/4}x4`: 4-bit codes of 4-d sub-vectors, dim / 8 bytes per vector)
+(FAISS `IVF{nlist},PQ{dim/8}`: an 8-bit code per 8-d sub-vector, dim / 8 bytes per vector)
 proposes the `depth` most likely rows and `storage.search.nearest` re-ranks them exactly with
 the stored descriptors, so callers still get exact distances of the one similarity. Below that
 size the exact search is fast enough and always exact, so no index is built.
@@ -12,9 +12,10 @@ gains a clip and retention deletes old tracklets; an IVF index removes and re-ad
 (`remove_ids`, `add_with_ids`), HNSW cannot remove. IVF builds in seconds where HNSW takes
 minutes on two cores, and its codes are 64 bytes per 512-d descriptor instead of 2 KB plus a
 graph, so persisting it is cheap. Not FAISS's SIMD "fast scan" variant (`...x4fs`), though it
-scans faster: in faiss 1.15.1 adding vectors to its block inverted lists after `remove_ids`
+scans fastest: in faiss 1.15.1 adding vectors to its block inverted lists after `remove_ids`
 gives ids the wrong codes (`tests/test_storage_ann.py`, incremental update vs rebuild, caught
-it). Not 8-bit PQ either: training 256 centroids per sub-space took minutes on the shared cores.
+it). Not 4-bit PQ on 4-d sub-vectors (`PQ{dim/4}x4`, same bytes): it trains in half the time
+but its generic decoder scans 4-5x slower (1M x 512-d, 16 lists: 15-23 ms against 3.4 ms).
 
 On disk (`AnnIndex.save`, one folder per index): `index-<sha>.faiss` (`faiss.serialize_index`),
 `entries-<sha>.npy` (the ids and a version per id, which say what was indexed) and
@@ -45,12 +46,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ANN_MIN_GALLERY = 50_000  # rows; below this exact search is used (see README "Search at scale")
-MIN_TRAIN_ROWS = 256  # fewer rows cannot train 16 lists of 16 PQ centroids (tests go this low)
+MIN_TRAIN_ROWS = 256  # fewer rows cannot train 256 PQ centroids per sub-space
 FORMAT = 1
 MANIFEST = "manifest.json"
 REBUILD_GROWTH = 8  # rebuild when the index holds this many times its training size
 TRAIN_POINTS_PER_LIST = 64  # k-means sample: 64 x nlist rows (FAISS warns below 39)
-TRAIN_ITERATIONS = 10  # k-means iterations of the coarse quantiser (FAISS default 25)
+TRAIN_ITERATIONS = 10  # k-means iterations of the quantisers (FAISS default 25)
 DEFAULT_NPROBE = 16  # inverted lists visited per query
 DEFAULT_DEPTH = 300  # candidates re-ranked exactly per query
 
@@ -76,11 +77,11 @@ def factory_string(rows: int, dim: int) -> str:
     """The FAISS index_factory description for `rows` descriptors of `dim`.
 
     nlist = sqrt(rows) rounded to a power of two (256 at 100k, 1024 at 1M): lists of about
-    sqrt(rows) codes, so both the coarse step and the list scan stay small. 4-bit PQ on 4-d
+    sqrt(rows) codes, so both the coarse step and the list scan stay small. 8-bit PQ on 8-d
     sub-vectors (dim / 8 bytes) where dim allows, else 8-bit scalar quantisation per dimension.
     """
     nlist = 2 ** max(4, min(16, round(math.log2(max(rows, 1)) / 2)))
-    codes = f"PQ{dim // 4}x4" if dim % 4 == 0 else "SQ8"
+    codes = f"PQ{dim // 8}" if dim % 8 == 0 else "SQ8"
     return f"IVF{nlist},{codes}"
 
 
@@ -124,7 +125,7 @@ class AnnIndex:
 
     @property
     def description(self) -> str:
-        """What it is, for logs and the benchmark, e.g. 'IVF1024,PQ128x4 nprobe 16 depth 300'."""
+        """What it is, for logs and the benchmark, e.g. 'IVF1024,PQ64 nprobe 16 depth 300'."""
         return f"{self.factory} nprobe {self.nprobe} depth {self.depth}"
 
     @classmethod
@@ -140,6 +141,11 @@ class AnnIndex:
         index = faiss.index_factory(dim, factory)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = TRAIN_ITERATIONS
+        if isinstance(index, faiss.IndexIVFPQ):
+            index.pq.cp.niter = TRAIN_ITERATIONS  # its sub-space k-means, likewise
+            # index_factory turns on polysemous training (an annealing of code order for
+            # Hamming pre-filtering, which this search does not use): most of the build time
+            index.do_polysemous_training = False
         sample = min(n, TRAIN_POINTS_PER_LIST * ivf.nlist)
         rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
         index.train(vectors[rows])
