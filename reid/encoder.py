@@ -42,7 +42,7 @@ RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 
 def resolve_runtime(runtime: str, device: torch.device, precision: str = "auto") -> tuple[str, str]:
     """The runtime to use and why. `auto`: torch on CUDA; on the CPU ONNX Runtime, else OpenVINO,
-    else torch (whichever is installed), OpenVINO first for bf16 (ONNX Runtime has none), which
+    else torch (whichever is installed), OpenVINO first for bf16 and int8 (ONNX Runtime has neither), which
     precision `auto` is on a CPU with bf16 units (`reid.export.resolve_precision`). For
     ViT-Tiny at one thread, interleaved: ONNX Runtime 11-13 clips/s, torch and OpenVINO fp32
     8-9, OpenVINO bf16 16-18. An explicit runtime that is not installed falls back to torch with
@@ -54,8 +54,8 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str = "auto")
     if runtime == "auto":
         if device.type != "cpu":
             return "torch", f"runtime auto: torch on {device.type}"
-        bf16 = precision == "bf16" or (precision == "auto" and _openvino_bf16_available())
-        order = ("openvino", "onnxruntime") if bf16 else ("onnxruntime", "openvino")
+        openvino_only = precision in ("bf16", "int8") or (precision == "auto" and _openvino_bf16_available())
+        order = ("openvino", "onnxruntime") if openvino_only else ("onnxruntime", "openvino")
         for candidate in order:
             if importlib.util.find_spec(candidate) is not None:
                 return candidate, f"runtime auto: {candidate} on the CPU"
@@ -90,7 +90,10 @@ class Encoder:
     with a fixed seed: every process gets the same, *untrained*, embeddings — useful for
     plumbing, useless for re-identification, and said loudly.
     `precision`: "auto" (bf16 autocast on CUDA when supported, else fp16; on the CPU bf16 with
-    OpenVINO where the CPU has bf16 units, else fp32), "fp32", "bf16" or "fp16".
+    OpenVINO where the CPU has bf16 units, else fp32), "fp32", "bf16", "fp16" or "int8"
+    (OpenVINO only: `reid.export.cached_int8`, an NNCF quantisation of the export calibrated
+    once, about 10 s for ViT-Tiny, on `calibration`: uint8 clips and keypoints as `encode` takes
+    them, by default `reid.calibration.synthetic_clips`, rendered walkers).
     `runtime`: "torch", "openvino", "onnxruntime" or "auto" (`resolve_runtime`). The latter two
     run the optimised inference graph exported to ONNX (`reid.export`, cached in `export_dir`)
     on the CPU, with `threads` threads (None: the runtime's default, every core); in fp32 their
@@ -119,6 +122,7 @@ class Encoder:
         threads: int | None = None,
         export_dir: str | Path | None = None,
         compact: bool = True,
+        calibration: tuple[np.ndarray, np.ndarray] | None = None,
         **overrides,
     ) -> None:
         self.device = _resolve_device(device)
@@ -159,12 +163,12 @@ class Encoder:
         self.config = network.config
         self.batch_size = batch_size
         self.autocast_dtype = self._autocast_dtype(precision)
-        self.runner = None
-        if self.runtime != "torch":
-            self.runner = self._exported_runner(export_dir, threads, precision)
-        log.info("encoder: %s", self.runtime_reason)
         self._mean = torch.tensor(self.config.mean).view(1, 1, 3, 1, 1)
         self._std = torch.tensor(self.config.std).view(1, 1, 3, 1, 1)
+        self.runner = None
+        if self.runtime != "torch":
+            self.runner = self._exported_runner(export_dir, threads, precision, calibration)
+        log.info("encoder: %s", self.runtime_reason)
 
     @staticmethod
     def _projection(full_dim: int, fitted: Projection | None) -> Projection | None:
@@ -183,13 +187,19 @@ class Encoder:
             if self.device.type != "cuda":
                 return None
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if precision == "int8":
+            if self.runtime == "torch":
+                raise ValueError("precision='int8' needs runtime='openvino' (or 'auto' with OpenVINO installed), "
+                                 f"not torch ({self.runtime_reason})")
+            return None  # if the INT8 model fails, torch runs fp32
         if precision not in choices:
-            raise ValueError(f"precision={precision!r}: choose auto, fp32, bf16 or fp16")
+            raise ValueError(f"precision={precision!r}: choose auto, fp32, bf16, fp16 or int8 (OpenVINO)")
         return choices[precision]
 
-    def _exported_runner(self, export_dir: str | Path | None, threads: int | None, precision: str) -> "OnnxRunner | None":
+    def _exported_runner(self, export_dir: str | Path | None, threads: int | None, precision: str,
+                         calibration: tuple[np.ndarray, np.ndarray] | None) -> "OnnxRunner | None":
         """The OpenVINO / ONNX Runtime runner of the exported graph; None (torch) if that fails."""
-        from .export import OnnxRunner, cached_onnx, resolve_precision
+        from .export import OnnxRunner, cached_int8, cached_onnx, resolve_precision
 
         if self.device.type != "cpu":
             raise ValueError(f"runtime {self.runtime!r} runs on the CPU, not {self.device}")
@@ -197,12 +207,25 @@ class Encoder:
         self.runtime_reason += f", {exported_precision}"
         try:
             path = cached_onnx(self.model, self.model_name, export_dir)
+            if exported_precision == "int8":
+                path = cached_int8(path, self._calibration_inputs(calibration))
             return OnnxRunner(path, self.runtime, threads=threads, precision=exported_precision)
         except Exception as exc:  # noqa: BLE001 - any export / load failure: run torch, say why
             self.runtime_reason = f"{self.runtime} failed ({type(exc).__name__}: {exc}); falling back to torch"
             log.warning("encoder: %s", self.runtime_reason)
             self.runtime = "torch"
             return None
+
+    def _calibration_inputs(self, calibration: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, ...]:
+        """The INT8 calibration clips as the graph takes them (unknown camera, as the watcher encodes)."""
+        from .calibration import synthetic_clips
+        from .export import CALIBRATION_CLIPS
+
+        if calibration is None:  # drawn at half size and upscaled, as camera crops of people are
+            height, width = self.config.img_size
+            calibration = synthetic_clips(CALIBRATION_CLIPS, self.num_frames, height // 2, width // 2)
+        images, points = self.preprocess(*calibration)
+        return images.numpy(), points.numpy(), np.full(images.shape[0], -1, dtype=np.int64)
 
     @property
     def dim(self) -> int:
