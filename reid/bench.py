@@ -8,7 +8,10 @@ FlopCounterMode (attention through the math kernel so its matmuls are counted to
 
 On the CPU it also times the same optimised graph exported to ONNX (`reid.export`) under each
 installed runtime (ONNX Runtime, OpenVINO), with the same thread count as torch, one column
-group per runtime; bf16 rows (`--cpu-bf16`) compare torch autocast with OpenVINO bf16.
+group per runtime; bf16 rows (`--cpu-bf16`) compare torch autocast with OpenVINO bf16, int8
+rows (`--cpu-int8`) time the encoder's OpenVINO INT8 model (`reid.export.cached_int8`, calibrated
+as `reid.Encoder` does). `--rounds N` times every row of a variant N times, interleaved (A B C
+A B C), so a neighbour's load on a shared machine falls on every precision alike.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .encoder import Encoder
 from .export import OnnxRunner, export_onnx
 from .model import KeyReID
 from .registry import build_model, list_models
@@ -99,6 +103,14 @@ def runner_clips_per_second(runner: OnnxRunner, model: KeyReID, batch: int, repe
     return batch * repeats / (time.perf_counter() - start)
 
 
+def _torch_timer(model: KeyReID, batch: int, device: torch.device, autocast: torch.dtype | None, repeats: int):
+    return lambda: clips_per_second(model.to(device), batch, device, autocast, repeats)
+
+
+def _runner_timer(runner: OnnxRunner, model: KeyReID, batch: int, repeats: int):
+    return lambda: runner_clips_per_second(runner, model, batch, repeats)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list_models())
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per batch size")
     parser.add_argument("--cpu-bf16", action="store_true", help="also time bf16 autocast on the CPU")
+    parser.add_argument("--cpu-int8", action="store_true", help="also time the OpenVINO INT8 model on the CPU")
+    parser.add_argument("--rounds", type=int, default=1, help="times each variant's rows, interleaved")
     parser.add_argument("--runtimes", nargs="*", choices=EXPORTED_RUNTIMES,
                         default=[r for r in EXPORTED_RUNTIMES if importlib.util.find_spec(r) is not None],
                         help="exported-graph runtimes timed on the CPU (default: those installed)")
@@ -126,22 +140,33 @@ def main(argv: list[str] | None = None) -> None:
             model = build_model(name, seed=0).eval()
             cost = cost_per_clip(model)
             graph = export_onnx(model, Path(scratch) / f"{name}.onnx") if args.runtimes else None
+            rows = []  # (device, precision label, [timer or None per column])
             for device_name in args.devices:
                 device = torch.device(device_name)
-                model = model.to(device)
-                precisions = {"cpu": [("fp32", None)] + ([("bf16", torch.bfloat16)] if args.cpu_bf16 else [])}.get(
-                    device.type, [("bf16", torch.bfloat16)]
-                )
+                precisions = {"cpu": [("fp32", None)] + ([("bf16", torch.bfloat16)] if args.cpu_bf16 else [])
+                              + ([("int8", None)] if args.cpu_int8 else [])}.get(device.type, [("bf16", torch.bfloat16)])
                 for label, dtype in precisions:
-                    rates = [clips_per_second(model, b, device, dtype, args.repeats) for b in args.batch_sizes]
+                    timers = [None if label == "int8" else _torch_timer(model, b, device, dtype, args.repeats)
+                              for b in args.batch_sizes]
                     for runtime in args.runtimes:
-                        if device.type != "cpu" or (label == "bf16" and runtime != "openvino"):
-                            rates += [None] * len(args.batch_sizes)  # that runtime has no such row
+                        if device.type != "cpu" or (label != "fp32" and runtime != "openvino"):
+                            timers += [None] * len(args.batch_sizes)  # that runtime has no such row
                             continue
-                        runner = OnnxRunner(graph, runtime, threads=threads, precision=label)
-                        rates += [runner_clips_per_second(runner, model, b, args.repeats) for b in args.batch_sizes]
+                        if label == "int8":  # the encoder's own INT8 model and calibration
+                            encoder = Encoder(model=name, device="cpu", runtime=runtime, precision="int8",
+                                              threads=threads, export_dir=scratch)
+                            if encoder.runner is None:
+                                raise RuntimeError(encoder.runtime_reason)
+                            runner = encoder.runner
+                        else:
+                            runner = OnnxRunner(graph, runtime, threads=threads, precision=label)
+                        timers += [_runner_timer(runner, model, b, args.repeats) for b in args.batch_sizes]
+                    rows.append((device.type, label, timers))
+            for _ in range(args.rounds):
+                for device_type, label, timers in rows:
+                    rates = [None if timer is None else timer() for timer in timers]
                     print(
-                        f"{name:<20} {device.type:<6} {label:<5} {cost.optimised:>9.2f} {cost.reference:>9.2f} "
+                        f"{name:<20} {device_type:<6} {label:<5} {cost.optimised:>9.2f} {cost.reference:>9.2f} "
                         f"{cost.backbone:>9.2f} {cost.ratio:>6.2f}x"
                         + "".join(f" {'-' if r is None else f'{r:.1f}':>9}" for r in rates),
                         flush=True,
