@@ -1,6 +1,6 @@
 """`python -m app.bench_linking`: time and memory of one linking decision at scale.
 
-For each descriptor size (ViT-Tiny 4,800-d, ViT-B-class 768-d) and number of active identities
+For each descriptor size (the watcher's compact 1,024-d, ViT-Tiny's full 4,800-d, ViT-B-class 768-d) and number of active identities
 (1k / 10k / 100k), a calibrated `tracking.linking.Linker` is filled with random unit prototypes
 (one member each, spread over eight cameras inside the time window), then finished tracklets
 that look like random known identities are linked one `link` call at a time. Reported: median
@@ -108,7 +108,7 @@ def measure(dim: int, identities: int, decisions: int, batch: int, seed: int = 0
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[4800, 768])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4800, 768])
     parser.add_argument("--identities", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--decisions", type=int, default=10, help="single-tracklet calls")
     parser.add_argument("--batch", type=int, default=8, help="tracklets in the batched call")

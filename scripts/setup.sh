@@ -15,7 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$fingerprint" ]; then
     exit 0
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-echo "==> installing keyreid (torch 2.14.1, timm, ultralytics, PyAV, SQLAlchemy, Streamlit, pytest, OpenVINO, ONNX Runtime, psycopg, FAISS, ...)"
+echo "==> installing keyreid (torch 2.14.1, timm, ultralytics, PyAV, SQLAlchemy, Streamlit, pytest, OpenVINO, ONNX Runtime, psycopg, FAISS, Ray, ...)"
 .venv/bin/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/pip install --quiet -e ".[test,demo,cpu-fast,site]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, timm, ultralytics, av, sqlalchemy, streamlit" \

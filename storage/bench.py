@@ -1,4 +1,4 @@
-"""Query latency of `nearest`: exact for 10k / 100k / 1M descriptors (D = 768, 4800), or
+"""Query latency of `nearest`: exact for 10k / 100k / 1M descriptors (D = 768, 1024: the watcher's compact descriptor, 4800), or
 through the FAISS index (`storage.ann`) for 100k / 1M / 10M, with its recall.
 
     python -m storage.bench [--max-gb 6] [--queries 5] [--k 20]
@@ -32,7 +32,7 @@ from .ann import AnnIndex
 from .search import nearest, squared_norms
 
 SIZES = (10_000, 100_000, 1_000_000)
-DIMS = (768, 4800)
+DIMS = (768, 1024, 4800)
 ANN_SIZES = (100_000, 1_000_000, 10_000_000)
 CLIPS_PER_IDENTITY = (2, 14)  # uniform range: 8 clips per identity on average
 IDENTITIES_PER_LOOK = 100  # identities sharing one "look" (similar clothes, same site light)

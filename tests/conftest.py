@@ -38,6 +38,21 @@ def postgres():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster on this machine for the whole session: a head and one more node
+    (see support.RayCluster); tests that need one skip, saying why, where it cannot start."""
+    pytest.importorskip("ray", reason="Ray (the `site` extra) is not installed")
+    from support import RayCluster
+
+    try:
+        cluster = RayCluster()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no Ray cluster: {exc}")
+    yield cluster
+    cluster.stop()
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "sqlite_only(reason): inherently SQLite (its file, WAL, pages, file lock); "

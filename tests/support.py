@@ -1,5 +1,6 @@
 """Test helpers shared by several test files (pytest puts this folder on sys.path)."""
 import importlib.util
+import signal
 import socket
 import subprocess
 import sys
@@ -101,7 +102,8 @@ HALVES = """
 """
 
 
-def run_watcher(config: Path, *args: str, wait: bool = True, timeout: float = 240):
+def run_watcher(config: Path, *args: str, wait: bool = True, timeout: float = 240,
+                env: dict | None = None):
     """Run the CLI; `wait=False` returns the Popen, its output going to `<config>.N.log`
     (a file, not a pipe nobody drains while the test waits)."""
     command = [sys.executable, "-m", "app.watcher.watch", "--cameras", str(config), *args]
@@ -109,10 +111,11 @@ def run_watcher(config: Path, *args: str, wait: bool = True, timeout: float = 24
         log = config.with_suffix(f".{len(list(config.parent.glob('*.log')))}.log")
         with open(log, "w") as out:
             process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                       text=True)
+                                       text=True, env=env)
         process.log = log
         return process
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def wait_for(condition, timeout: float, what: str, process=None) -> None:
@@ -222,3 +225,83 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# -- a real Ray cluster (a head and one more node) for the Ray backend's tests ---------------
+class RayCluster:
+    """`ray start --head` and `ray start --address` on this machine, both given 127.0.0.1, in
+    the foreground (`--block`) so that stopping the two processes stops exactly this cluster
+    (`ray stop` would stop every Ray on the machine). Ray registers its nodes under the
+    machine's own address whatever it is given (`resolve_ip_for_localhost`). The cluster has a
+    token of its own (Ray's token authentication); a driver needs `env` to join it."""
+
+    def __init__(self, cpus_per_node: int = 2, timeout: float = 90.0) -> None:
+        import os
+        import secrets
+        import shutil
+        import tempfile
+
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+        if ray is None:
+            raise RuntimeError("the `ray` command is not installed")
+        self.folder = Path(tempfile.mkdtemp(prefix="keyreid-ray-"))
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        env = self.env
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node), "--block",
+                  "--disable-usage-stats"]
+        self.logs = [open(self.folder / "head.log", "w"), open(self.folder / "node.log", "w")]
+        self.processes = [subprocess.Popen(
+            [ray, "start", "--head", "--port", str(self.port), "--include-dashboard", "false",
+             "--temp-dir", str(self.folder / "tmp"), *common],
+            stdout=self.logs[0], stderr=subprocess.STDOUT, env=env, start_new_session=True)]
+        try:
+            self._wait_for_nodes(1, timeout)
+            self.processes.append(subprocess.Popen(
+                [ray, "start", "--address", self.address, *common],
+                stdout=self.logs[1], stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            self._wait_for_nodes(2, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_nodes(self, count: int, timeout: float) -> None:
+        probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"ray start exited ({process.returncode}): "
+                                       f"{self.log_tail()}")
+            result = subprocess.run([sys.executable, "-c", probe, self.address],
+                                    capture_output=True, text=True, timeout=60, check=False,
+                                    env=self.env)
+            if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"the Ray cluster did not reach {count} node(s) in {timeout:.0f} s: "
+                           f"{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return " | ".join((self.folder / name).read_text()[-800:] for name in ("head.log", "node.log")
+                          if (self.folder / name).exists())
+
+    def stop(self) -> None:
+        import os
+        import shutil
+
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # `ray start --block` can take ~30 s to clean up
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        for log in self.logs:
+            log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -36,7 +36,7 @@ from storage import (
 from storage.retention import convert_to_incremental, used_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-DIM = 4800  # keyreid_vit_tiny's descriptor: 9.6 KB as float16, like the watcher's clips
+DIM = 4800  # keyreid_vit_tiny's full descriptor, 9.6 KB as float16: fills pages faster than the watcher's compact 1,024-d
 MODEL = "retention-test-model"
 CLIPS_PER_TRACKLET = 4
 

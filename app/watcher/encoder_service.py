@@ -1,7 +1,8 @@
 """The encoder service: clips from every camera, batched, through one `reid.Encoder`.
 
-It lives in the main process beside the database writer, so the (GPU) model is loaded once and
-batches mix cameras. A batch is encoded when it reaches `batch_size` clips or its oldest clip
+The batching lives in the main process beside the database writer, so batches mix cameras; the
+model runs where the backend put it (`LocalEncoder`: in this process; on Ray, an actor that
+asks for a GPU where the cluster has one), loaded once. A batch is encoded when it reaches `batch_size` clips or its oldest clip
 has waited `max_wait` seconds; `backlog` is what the watcher uses to stop reading worker queues
 (back-pressure) when encoding falls behind.
 
@@ -29,22 +30,39 @@ FAULT_ENV = "KEYREID_FAULT_ENCODER"  # test hook: "oom=N,nan=M" (N batches of 2+
 class PendingClip:
     """A clip waiting for its descriptor; `tag` is whatever the caller needs to store it."""
 
-    crops: np.ndarray  # uint8 [T, H, W, 3]
+    crops: object  # uint8 [T, H, W, 3], or where the backend keeps it (Ray: `RemoteCrops`)
     keypoints: np.ndarray  # float32 [T, 17, 3]
     tag: object
     arrived: float
     camera: str | None = None  # the site's camera id (a site-adapted encoder normalises per camera)
 
 
-class EncoderService:
-    """Batches clips and runs the encoder; `encoded_clips` / `encode_seconds` for the status line."""
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the watcher needs to know about the model, wherever it runs."""
+
+    model_id: str
+    dim: int
+    device: str
+    trained: bool
+    camera_normalisation: object | None  # reid.normalisation.CameraNormalisation
+    cross_camera_genuine: np.ndarray | None
+
+    @classmethod
+    def of(cls, encoder) -> EncoderInfo:
+        return cls(encoder.model_id, encoder.dim, str(encoder.device), encoder.trained,
+                   encoder.camera_normalisation, encoder.cross_camera_genuine)
+
+
+class LocalEncoder:
+    """The configured `reid.Encoder` in this process: `encode_clips` is what a backend's
+    encoder offers (a Ray actor wraps one of these)."""
 
     def __init__(self, config: ReidConfig) -> None:
         import torch
 
         from reid import Encoder
 
-        self.config = config
         device = None if config.device == "auto" else config.device
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -52,27 +70,46 @@ class EncoderService:
                                batch_size=config.batch_size, precision=config.precision,
                                runtime=config.runtime, threads=config.threads,
                                **(config.overrides if config.checkpoint is None else {}))
+        self.info = EncoderInfo.of(self.encoder)
+
+    def encode_clips(self, crops: list[np.ndarray], keypoints: np.ndarray,
+                     cameras: list[str | None]) -> np.ndarray:
+        """uint8 crops [T, H, W, 3] per clip, keypoints [N, T, 17, 3] -> float32 [N, dim]."""
+        return self.encoder.encode(np.stack(crops), keypoints, np.full(len(crops), -1, dtype=np.int64),
+                                   cameras=cameras)
+
+
+class EncoderService:
+    """Batches clips and runs the encoder; `encoded_clips` / `encode_seconds` for the status line.
+
+    `encoder`: anything with `info` and `encode_clips` (default: a `LocalEncoder` of `config`).
+    """
+
+    def __init__(self, config: ReidConfig, encoder=None) -> None:
+        self.config = config
+        self.encoder = encoder if encoder is not None else LocalEncoder(config)
+        self.info: EncoderInfo = self.encoder.info
         self.queue: deque[PendingClip] = deque()
         self.batch_size = config.batch_size
         self.encoded_clips = 0
         self.encode_seconds = 0.0
         self._faults = _InjectedFaults.from_env()
-        LOG.info("encoder: %s on %s (dim %d, %s)", self.encoder.model_id, self.encoder.device,
-                 self.encoder.dim, "trained" if self.encoder.trained else "UNTRAINED")
+        LOG.info("encoder: %s on %s (dim %d, %s)", self.info.model_id, self.info.device,
+                 self.info.dim, "trained" if self.info.trained else "UNTRAINED")
 
     @property
     def model_id(self) -> str:
-        return self.encoder.model_id
+        return self.info.model_id
 
     @property
     def dim(self) -> int:
-        return self.encoder.dim
+        return self.info.dim
 
     @property
     def backlog(self) -> int:
         return len(self.queue)
 
-    def submit(self, crops: np.ndarray, keypoints: np.ndarray, tag: object, camera: str | None = None) -> None:
+    def submit(self, crops, keypoints: np.ndarray, tag: object, camera: str | None = None) -> None:
         self.queue.append(PendingClip(crops, keypoints, tag, time.monotonic(), camera))
 
     def due(self, now: float | None = None) -> bool:
@@ -109,10 +146,9 @@ class EncoderService:
 
     def _encode(self, batch: list[PendingClip]) -> np.ndarray:
         self._faults.before_batch(len(batch))
-        descriptors = self.encoder.encode(np.stack([c.crops for c in batch]),
-                                          np.stack([c.keypoints for c in batch]),
-                                          np.full(len(batch), -1, dtype=np.int64),
-                                          cameras=[c.camera for c in batch])
+        descriptors = self.encoder.encode_clips([c.crops for c in batch],
+                                                np.stack([c.keypoints for c in batch]),
+                                                [c.camera for c in batch])
         return self._faults.after_batch(descriptors)
 
 

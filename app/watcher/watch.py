@@ -1,8 +1,10 @@
 """`keyreid-watch`: watch many cameras, store person clips and descriptors, link people across cameras.
 
 The main process is the database's writer for its cameras and hosts the encoder service; each camera
-runs in its own worker process (`app.watcher.worker`), read by a thread of its own so that no worker,
-even one killed half-way through a message, can block the main loop. The promises, in order:
+runs as a stage of its own (`app.watcher.worker`), placed by the backend (`app.watcher.backends`:
+a worker process on this machine, or a Ray actor on a cluster with `--backend ray`), read by a
+thread of its own so that no camera, even one killed half-way through a message, can block the
+main loop. The promises, in order:
 
 - Nothing committed is lost: every write is one short transaction. Writes that fail for a
   reason that may pass (disk full, database locked) wait in an ordered in-memory spool and are
@@ -21,18 +23,16 @@ even one killed half-way through a message, can block the main loop. The promise
 
 Exit codes: 0 every camera finished (or the watcher was stopped by Ctrl-C / SIGTERM / --duration),
 1 at least one camera failed (the others still ran to the end), 2 invalid configuration or
-arguments (nothing started), 3 the database was refused (another watcher holds it, newer schema,
+arguments, or the backend could not start, e.g. no Ray cluster at the address (nothing started),
+3 the database was refused (another watcher holds it, newer schema,
 cannot open) or clips that were encoded could not be stored before the watcher had to stop.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
-import queue
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -54,7 +54,8 @@ from tracking.linking import Calibrator, Decision, Linker, LinkerConfig, Member,
 from tracking.redact import log_with_redaction, redact
 
 from .config import CameraConfig, ConfigError, WatchConfig, load_config
-from .worker import Finished, Output, Ready, Status, WorkerSettings, camera_main, thumbnail_jpeg
+from .backends import BACKENDS, BackendError, CameraHandle, make_backend
+from .worker import Finished, Output, Ready, Status, WorkerSettings, thumbnail_jpeg
 
 LOG = logging.getLogger("keyreid.watch")
 DB_STATUS_INTERVAL_S = 2.0
@@ -70,45 +71,13 @@ CALIBRATION_SAMPLES_KEPT = 2000  # recent labels per class stored with it, for t
 EXIT_OK, EXIT_CAMERA_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
 
-class _Inbox:
-    """The main process's side of one worker's queue: a reader thread moves messages into a
-    local queue. A worker that dies mid-message leaves only this thread blocked (it is a daemon
-    and holds nothing); the main loop keeps going and notices the death by the process."""
-
-    def __init__(self, source: multiprocessing.Queue, name: str) -> None:
-        self.messages: queue.Queue = queue.Queue(maxsize=8)  # small: back-pressure reaches the worker
-        self._source = source
-        self.thread = threading.Thread(target=self._read, name=f"inbox-{name}", daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self._source.get()
-            except (EOFError, OSError, ValueError):
-                return
-            self.messages.put(message)
-            if isinstance(message, Finished):
-                return
-
-    def take(self, limit: int) -> list:
-        taken = []
-        for _ in range(limit):
-            try:
-                taken.append(self.messages.get_nowait())
-            except queue.Empty:
-                break
-        return taken
-
-
 @dataclass
 class _Camera:
     """The main process's view of one camera and its (current) worker."""
 
     config: CameraConfig
     settings: WorkerSettings
-    process: multiprocessing.Process | None = None
-    inbox: _Inbox | None = None
+    worker: CameraHandle | None = None  # its camera stage, as the backend runs it
     ready: Ready | None = None
     status: Status | None = None
     finished: Finished | None = None
@@ -197,8 +166,11 @@ class Watcher:
 
     def __init__(self, config: WatchConfig, *, realtime: bool = False,
                  duration: float | None = None, max_frames: int | None = None,
-                 start_over: bool = False, status_stream=None) -> None:
+                 start_over: bool = False, status_stream=None, backend: str = "local",
+                 ray_address: str | None = None) -> None:
         self.config = config
+        self.backend_name = backend
+        self.ray_address = ray_address
         self.realtime = realtime
         self.duration = duration
         self.max_frames = max_frames
@@ -210,7 +182,7 @@ class Watcher:
     def _report_camera_statistics(self) -> None:
         """A site-adapted encoder standardises each camera's descriptors by its own statistics;
         a camera it was not adapted on gets the pooled ones: say which (adapt again to add it)."""
-        normalisation = self.encoder.encoder.camera_normalisation
+        normalisation = self.encoder.info.camera_normalisation
         if normalisation is None:
             return
         known = sorted(set(self.cameras) & set(normalisation.cameras))
@@ -228,11 +200,19 @@ class Watcher:
         self._stop_requested = True
 
     def run(self) -> WatchSummary:
-        """Raises StorageError (incl. WriterLockedError) before anything starts."""
+        """Raises StorageError (incl. WriterLockedError) before anything starts, and
+        BackendError when the backend cannot start (e.g. no Ray cluster at the address)."""
         repo = open_repository(self.config.database)
         try:
             repo.acquire_writer(owner="keyreid-watch")
-            return self._run(repo)
+            self.backend = make_backend(self.backend_name, self.config.queues.size,
+                                        ray_address=self.ray_address,
+                                        cameras=len(self.config.enabled_cameras),
+                                        threads=self.config.detector.threads or 1)
+            try:
+                return self._run(repo)
+            finally:
+                self.backend.close()
         finally:
             repo.close()
 
@@ -244,8 +224,6 @@ class Watcher:
         self.repair_report = repo.repair(self.run_id)
         LOG.info("run %d on %s with %d camera(s); repair: %s", self.run_id, repo.url,
                  len(config.enabled_cameras), self.repair_report)
-        self.context = multiprocessing.get_context("spawn")
-        self.stop_event = self.context.Event()
         self.cameras: dict[str, _Camera] = {}
         for camera in config.enabled_cameras:
             start_after = None
@@ -270,7 +248,7 @@ class Watcher:
             self._spawn(self.cameras[camera.id])
 
         from .encoder_service import EncoderService
-        self.encoder = EncoderService(config.reid)
+        self.encoder = EncoderService(config.reid, self.backend.encoder(config.reid))
         self._report_camera_statistics()
         self.tracklets: dict[tuple[str, int], _Tracklet] = {}
         # Set while this watcher is the site's linker (`_claim_linking`); None: it stores only.
@@ -293,12 +271,7 @@ class Watcher:
 
     def _spawn(self, camera: _Camera) -> None:
         settings = replace(camera.settings, first_track_number=camera.max_track)
-        out = self.context.Queue(self.config.queues.size)
-        process = self.context.Process(target=camera_main, name=f"keyreid-camera-{camera.config.id}",
-                                       args=(camera.config, settings, out, self.stop_event),
-                                       daemon=True)
-        process.start()
-        camera.process, camera.inbox = process, _Inbox(out, camera.config.id)
+        camera.worker = self.backend.start_camera(camera.config, settings)
         camera.ready = camera.finished = camera.restart_at = None
 
     # -- the main loop -------------------------------------------------------------------------
@@ -318,7 +291,7 @@ class Watcher:
                     self._stop_requested = True
                 if self._stop_requested and stopping_since is None:
                     LOG.info("stopping: draining the cameras' queues")
-                    self.stop_event.set()
+                    self.backend.stop_cameras()
                     for camera in self.cameras.values():
                         camera.restart_at = None
                     stopping_since = now
@@ -373,15 +346,15 @@ class Watcher:
         finally:
             if self.status_stream.isatty():
                 self.status_stream.write("\n")
-            self.stop_event.set()
+            self.backend.stop_cameras()
             deadline = time.monotonic() + 2.0  # one grace period for all workers together
             for camera in self.cameras.values():
-                if camera.process is not None:
-                    camera.process.join(timeout=max(0.0, deadline - time.monotonic()))
+                if camera.worker is not None:
+                    camera.worker.join(timeout=max(0.0, deadline - time.monotonic()))
             for camera in self.cameras.values():
-                if camera.process is not None and camera.process.is_alive():
-                    camera.process.kill()
-                    camera.process.join(timeout=2.0)
+                if camera.worker is not None and camera.worker.is_alive():
+                    camera.worker.kill()
+                    camera.worker.join(timeout=2.0)
         return self._finish(started)
 
     def _drain_after_stop(self, drain: float) -> None:
@@ -397,9 +370,9 @@ class Watcher:
     def _read_inboxes(self) -> bool:
         progressed = False
         for camera in self.cameras.values():
-            if camera.inbox is None:
+            if camera.worker is None:
                 continue
-            for message in camera.inbox.take(64):
+            for message in camera.worker.take(64):
                 progressed = True
                 self._handle(camera, message)
         return progressed
@@ -569,7 +542,7 @@ class Watcher:
                 LOG.info("linker calibration continues from run %d: %s", run.id,
                          calibrator.status())
                 break
-        cross_genuine = self.encoder.encoder.cross_camera_genuine
+        cross_genuine = self.encoder.info.cross_camera_genuine
         if cross_genuine is not None and len(cross_genuine):
             calibrator.add_cross_genuine(cross_genuine)
             LOG.info("linker: %d cross-camera genuine labels from the site-adapted checkpoint "
@@ -776,23 +749,20 @@ class Watcher:
         """A worker that died without saying so (crash, kill) is a failed camera; its complete
         messages are still taken (for a short grace period), a half-written one is not."""
         for camera in self.cameras.values():
-            if camera.finished is not None or camera.process is None or camera.process.is_alive():
+            if camera.finished is not None or camera.worker is None or camera.worker.is_alive():
                 continue
             deadline = time.monotonic() + DEATH_GRACE_S
             while camera.finished is None and time.monotonic() < deadline:
-                messages = camera.inbox.take(64)
+                messages = camera.worker.take(64)
                 for message in messages:
                     self._handle(camera, message)
                 if not messages:
-                    if not camera.inbox.thread.is_alive():
+                    if not camera.worker.reader_alive():
                         break
                     time.sleep(0.05)
             if camera.finished is None:
-                code = camera.process.exitcode
-                how = (f"killed by signal {-code}" if code is not None and code < 0
-                       else f"exited with code {code}")
                 self._camera_finished(camera, Finished(camera.config.id, "failed",
-                                                       f"worker process {how}"))
+                                                       camera.worker.exit_reason()))
 
     def _camera_finished(self, camera: _Camera, finished: Finished) -> None:
         camera.finished = finished
@@ -837,11 +807,11 @@ class Watcher:
     def _abandon(self, running: list[_Camera]) -> None:
         for camera in running:
             camera.restart_at = None
-            if camera.finished is not None or camera.process is None:
+            if camera.finished is not None or camera.worker is None:
                 continue
             LOG.warning("camera %s did not stop within %.0f s; terminating its worker",
                         camera.config.id, self.config.supervision.drain_timeout)
-            camera.process.kill()  # workers ignore SIGTERM: the main process owns shutdown
+            camera.worker.kill()
             camera.finished = Finished(camera.config.id, "stopped", "terminated while draining")
             self._close_tracklets(camera.config.id, "stopped: terminated while draining")
 
@@ -1018,6 +988,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-over", action="store_true",
                         help="process file cameras from their first frame, even where an "
                              "earlier run already stored them")
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help="where the cameras' stages run: local worker processes (default) "
+                             "or actors on a Ray cluster")
+    parser.add_argument("--ray-address",
+                        help="with --backend ray: the cluster's address (host:port of its head, "
+                             "or 'auto'); default: a Ray instance of its own on this machine")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -1037,8 +1013,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     for warning in config.warnings:
         LOG.warning("%s", warning)
+    if args.ray_address and args.backend != "ray":
+        print("keyreid-watch: --ray-address needs --backend ray", file=sys.stderr)
+        return EXIT_CONFIG
     watcher = Watcher(config, realtime=args.realtime, duration=args.duration,
-                      max_frames=args.max_frames, start_over=args.start_over)
+                      max_frames=args.max_frames, start_over=args.start_over,
+                      backend=args.backend, ray_address=args.ray_address)
     previous = {sig: signal.signal(sig, lambda *_: watcher.request_stop())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1046,6 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as exc:
         print(f"keyreid-watch: {redact(str(exc))}", file=sys.stderr)
         return EXIT_DATABASE
+    except BackendError as exc:
+        print(f"keyreid-watch: {redact(str(exc))}\nnothing was started.", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -131,7 +131,7 @@ class _Outbox:
     clip message, as a SIGKILL at the worst moment would.
     """
 
-    def __init__(self, out: multiprocessing.Queue, policy: str, pending_clips: int,
+    def __init__(self, out: multiprocessing.Queue | queue.Queue, policy: str, pending_clips: int,
                  half_send_fault: bool = False) -> None:
         self.out = out
         self.policy = policy
@@ -256,6 +256,12 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
                        f"%(asctime)s %(levelname)s [camera {camera.id}] %(message)s")
     outbox = _Outbox(out, settings.policy, settings.pending_clips,
                      half_send_fault=os.environ.get(HALF_SEND_FAULT_ENV) == camera.id)
+    run_camera(camera, settings, outbox, stop)
+
+
+def run_camera(camera: CameraConfig, settings: WorkerSettings, outbox: _Outbox, stop) -> None:
+    """Run one camera wherever it was placed (a worker process, a Ray actor); `stop` is any
+    event with `is_set()`. `Finished` is always the last message, with the reason on failure."""
     status: Status | None = None
     try:
         state = _CameraRun(camera, settings, outbox, stop)
