@@ -8,8 +8,8 @@ is a small numpy renderer of its own: a walking figure of limb capsules between 
 random garment colours, front or back view, over a shaded and cluttered background with noise,
 with the exact keypoints. A pure function of its arguments. `Encoder` draws them at half its
 input size, so that they are upscaled as crops of people 50-170 px tall are (site-adapted
-ViT-Tiny, worst cosine of INT8 to fp32 on 64 clips of `training.synthetic`: 0.991 from
-half-size clips, 0.986 from full-size ones).
+ViT-Tiny on 64 clips of `training.synthetic`, worst cosine of its standardised INT8 descriptors
+to fp32's: 0.991 calibrated on half-size clips, 0.986 on full-size ones).
 """
 from __future__ import annotations
 
