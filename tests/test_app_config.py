@@ -70,6 +70,8 @@ def test_valid_file_resolves_paths_relative_to_the_config_and_expands_variables(
     ("detector: {imgsz: big}\n" + GOOD_CAMERAS, "detector: imgsz must be an integer"),
     ("detector: {tracker: sort}\n" + GOOD_CAMERAS, "detector: tracker must be one of"),
     ("detector: {precision: int4}\n" + GOOD_CAMERAS, "detector: precision must be one of"),
+    ("detector: {service: gpu}\n" + GOOD_CAMERAS, "detector: service must be one of"),
+    ("detector: {batch_size: 0}\n" + GOOD_CAMERAS, "detector: batch_size must be"),
     ("keypoints: {backend: openpose}\n" + GOOD_CAMERAS, "keypoints: backend must be one of"),
     ("clips: {window: 8, overlap: 8}\n" + GOOD_CAMERAS, "clips: overlap (8) must be < window (8)"),
     ("linking: {threshold: 0.6}\n" + GOOD_CAMERAS, "linking: threshold is gone"),
@@ -127,3 +129,18 @@ def test_cli_exits_2_and_starts_nothing(tmp_path, capsys):
     assert "camera 'a': crop" in err and "nothing was started" in err
     assert not (tmp_path / "w.db").exists()
     assert main(["--cameras", str(tmp_path / "absent.yaml")]) == EXIT_CONFIG
+
+
+def test_backend_problems_exit_2_and_start_nothing(tmp_path, capsys):
+    path = _write(tmp_path, "database: sqlite:///w.db\ndetector: {service: shared}\n" + GOOD_CAMERAS)
+    assert main(["--cameras", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "service shared needs --backend ray" in err and "nothing was started" in err
+    assert not (tmp_path / "w.db").exists()
+    assert main(["--cameras", str(path), "--ray-address", "127.0.0.1:1"]) == EXIT_CONFIG
+    assert "--ray-address needs --backend ray" in capsys.readouterr().err
+    path.write_text(path.read_text().replace("service: shared", "service: auto"))
+    pytest.importorskip("ray", reason="Ray (the `site` extra) is not installed")
+    assert main(["--cameras", str(path), "--backend", "ray", "--ray-address", "127.0.0.1:1"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "no Ray cluster at 127.0.0.1:1" in err and "nothing was started" in err

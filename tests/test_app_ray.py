@@ -29,29 +29,42 @@ def _stored(db) -> dict:
         return stored
 
 
-def _fp32(config) -> None:
-    """Exact encoder arithmetic (OpenVINO bf16 is `auto` on CPUs with bf16 units)."""
-    config.write_text(config.read_text().replace("reid: {", "reid: {precision: fp32, "))
+def _comparable(config) -> None:
+    """Exact arithmetic: fp32 encoder (OpenVINO bf16 is `auto` on CPUs with bf16 units), torch
+    detector (what the shared detector runs)."""
+    text = config.read_text().replace("reid: {", "reid: {precision: fp32, ")
+    config.write_text(text.replace("detector: {", "detector: {runtime: torch, max_wait: 0.05, "))
 
 
 def test_ray_backend_gives_the_same_tracklets_clips_and_descriptors_as_local(
         tmp_path, weights, ray_cluster):
+    """Per-camera detectors and the shared detector (both cameras' frames in one batch)."""
     bus_video(tmp_path / "bus.mkv", 40)
     config = watcher_config(tmp_path, weights, HALVES)
-    _fp32(config)
+    _comparable(config)
     local = run_watcher(config, "--db", f"sqlite:///{tmp_path / 'local.db'}")
     assert local.returncode == 0, local.stderr[-3000:]
-    on_ray = run_watcher(config, "--db", f"sqlite:///{tmp_path / 'ray.db'}", "--backend", "ray",
-                         "--ray-address", ray_cluster.address, env=ray_cluster.env)
-    assert on_ray.returncode == 0, on_ray.stderr[-3000:] + on_ray.stdout[-2000:]
-    assert "2 node(s)" in on_ray.stderr and "CameraActor" in on_ray.stdout + on_ray.stderr
+    expected = _stored(tmp_path / "local.db")
+    assert len(expected) >= 2 and sum(len(e[2]) for e in expected.values()) >= 10
 
-    expected, got = _stored(tmp_path / "local.db"), _stored(tmp_path / "ray.db")
-    assert sorted(got) == sorted(expected) and len(expected) >= 2
-    assert sum(len(e[2]) for e in expected.values()) >= 10
-    for key, (first, last, frames, descriptors) in expected.items():
-        assert got[key][:3] == (first, last, frames), key
-        np.testing.assert_allclose(got[key][3], descriptors, atol=2e-3, err_msg=str(key))
+    shared = config.with_name("shared.yaml")
+    shared.write_text(config.read_text().replace("detector: {", "detector: {service: shared, "))
+    for name, cams in (("per-camera", config), ("shared", shared)):
+        db = tmp_path / f"ray-{name}.db"
+        on_ray = run_watcher(cams, "--db", f"sqlite:///{db}", "--backend", "ray",
+                             "--ray-address", ray_cluster.address, env=ray_cluster.env)
+        log = on_ray.stderr + on_ray.stdout
+        assert on_ray.returncode == 0, log[-4000:]
+        assert "2 node(s)" in log and "CameraActor" in log
+        if name == "shared":
+            batches = re.search(r"shared detector: (\d+) frames in (\d+) batches .*largest (\d+)", log)
+            assert batches and int(batches[3]) == 2, log[-3000:]  # both cameras in one pass
+            assert int(batches[1]) >= 80  # every frame of both cameras (+ warm-ups)
+        got = _stored(db)
+        assert sorted(got) == sorted(expected), name
+        for key, (first, last, frames, descriptors) in expected.items():
+            assert got[key][:3] == (first, last, frames), (name, key)
+            np.testing.assert_allclose(got[key][3], descriptors, atol=2e-3, err_msg=f"{name} {key}")
 
 
 def _kill_actor(cluster, prefix: str) -> str:

@@ -99,3 +99,46 @@ def test_tracker_options_are_checked(weights):
 
 def test_botsort_tracker(weights, bus):
     assert PoseTracker(weights, imgsz=640, tracker="botsort").update(bus)
+
+
+def _panned(bus: np.ndarray, count: int) -> list[np.ndarray]:
+    """bus.jpg's two halves, panned a few pixels per frame: two cameras' frames."""
+    frames = []
+    for i in range(count):
+        k = 2 * (i % 8)
+        view = np.ascontiguousarray(bus[8:1008, k:k + 780])  # bus.jpg is 810 wide
+        frames.append((view[:, :390].copy(), view[:, 390:].copy()))
+    return frames
+
+
+@pytest.mark.parametrize("tracker", ["bytetrack", "botsort"])
+def test_shared_detector_and_camera_tracks_give_what_pose_tracker_gives(weights, bus, tracker):
+    """The split for a shared detector: one batched forward pass for two cameras' frames, each
+    camera its own `CameraTracks`: the same ids, boxes and keypoints as a `PoseTracker` each.
+    (Frames of one size: ultralytics letterboxes a batch of mixed sizes to a square, which
+    finds the same people with slightly different numbers.)"""
+    from tracking.detector import CameraTracks, PoseDetector, SharedDetectorTracker
+
+    frames = _panned(bus, 12)
+    expected = []
+    for side in (0, 1):
+        own = PoseTracker(weights, imgsz=640, tracker=tracker, runtime="torch", threads=1)
+        expected.append([own.update(pair[side]) for pair in frames])
+    shared = PoseDetector(weights, imgsz=640)
+    tracks = [CameraTracks(tracker), CameraTracks(tracker)]
+    one_by_one = SharedDetectorTracker(lambda image: shared.detect([image])[0], tracker)
+    got, single = [[], []], []
+    for pair in frames:
+        for side, detections in enumerate(shared.detect(list(pair))):
+            got[side].append(tracks[side].update(detections, pair[side]))
+        single.append(one_by_one.update(pair[0]))
+    assert sum(map(len, expected[0])) >= 12 and sum(map(len, expected[1])) >= 12
+    for side in (0, 1):
+        for want, have in zip(expected[side], got[side]):
+            assert [d.track_id for d in have] == [d.track_id for d in want]
+            for d, e in zip(have, want):  # batched vs single pass: float noise only
+                np.testing.assert_allclose(d.box, e.box, atol=1e-2)
+                np.testing.assert_allclose(d.keypoints, e.keypoints, atol=1e-2)
+    for want, have in zip(expected[0], single):  # a batch of one: exactly model.track's result
+        assert [(d.track_id, d.box.tolist(), d.score) for d in have] == [
+            (e.track_id, e.box.tolist(), e.score) for e in want]

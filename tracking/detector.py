@@ -1,7 +1,10 @@
 """Person detection + tracking per camera: an adapter over ultralytics YOLO-pose and its trackers.
 
 One `PoseTracker` per camera: ultralytics keeps tracker state on the model's predictor, so a
-shared model would mix track ids between cameras. ultralytics and torch are imported when a
+shared model would mix track ids between cameras. Where one model serves many cameras (a
+batched detector service), detection and tracking are split: `PoseDetector` detects in a batch
+of frames, and each camera keeps its own `CameraTracks` (the same ultralytics tracker, fed the
+way `model.track` feeds it, so it gives the same tracks). ultralytics and torch are imported when a
 tracker is built, never when this module is imported.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .types import Detection
+from .types import Detection, FrameDetections
 
 LOG = logging.getLogger(__name__)
 
@@ -104,10 +107,7 @@ class PoseTracker:
         path = Path(weights)
         if not path.is_file():
             raise WeightsNotFoundError(f"pose weights {path} do not exist")
-        config = TRACKER_CONFIGS.get(tracker, tracker)
-        if config == tracker and not Path(tracker).is_file():
-            raise ValueError(f"unknown tracker {tracker!r}: use one of "
-                             f"{sorted(TRACKER_CONFIGS)} or a tracker yaml file")
+        config = tracker_config_path(tracker)
         self._torch = torch
         self.weights = path
         self.runtime, self.runtime_reason = runtimes.resolve_runtime(runtime, device)
@@ -208,3 +208,110 @@ class PoseTracker:
         predictor = self.model.predictor
         for tracker in getattr(predictor, "trackers", None) or []:
             tracker.reset()
+
+
+def tracker_config_path(tracker: str) -> str:
+    """The ultralytics tracker yaml for a name in TRACKER_CONFIGS, or a yaml file's path."""
+    config = TRACKER_CONFIGS.get(tracker, tracker)
+    if config == tracker and not Path(tracker).is_file():
+        raise ValueError(f"unknown tracker {tracker!r}: use one of "
+                         f"{sorted(TRACKER_CONFIGS)} or a tracker yaml file")
+    return config
+
+
+def _tracker_settings(tracker: str):
+    from ultralytics.utils import YAML, IterableSimpleNamespace
+    from ultralytics.utils.checks import check_yaml
+
+    return IterableSimpleNamespace(**YAML.load(check_yaml(tracker_config_path(tracker))))
+
+
+class PoseDetector:
+    """YOLO-pose without a tracker, for frames of many cameras at once (one forward pass per
+    batch): the model of a shared detector service, for a GPU. torch only: the exported CPU
+    runtimes are built for batch 1, and on a CPU a detector per camera is the better set-up
+    (OpenVINO ran a demo frame in 40 ms against torch's 156 ms on one thread, README
+    Performance; a CPU's work grows with the batch, so batching does not win that back).
+    """
+
+    def __init__(self, weights: str | os.PathLike, *, imgsz: int = 1280, conf: float = 0.25,
+                 iou: float = 0.7, device: str | None = None, half: bool = False) -> None:
+        from ultralytics import YOLO
+
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsNotFoundError(f"pose weights {path} do not exist")
+        self.model = YOLO(str(path), task="pose")
+        if self.model.task != "pose":
+            raise ValueError(f"{path} is a {self.model.task!r} model, not a pose model")
+        self.imgsz, self.conf, self.iou, self.device, self.half = imgsz, conf, iou, device, half
+
+    def detect(self, images_rgb: list[np.ndarray]) -> list[FrameDetections]:
+        """People in each RGB uint8 frame, in one batch."""
+        if not images_rgb:
+            return []
+        precision = {"quantize": 16} if self.half else {}
+        results = self.model.predict([np.ascontiguousarray(i[..., ::-1]) for i in images_rgb],
+                                     classes=[0], verbose=False, imgsz=self.imgsz, conf=self.conf,
+                                     iou=self.iou, device=self.device, **precision)
+        out = []
+        for result in results:
+            boxes = result.boxes.data.cpu().numpy().astype(np.float32)
+            keypoints = (result.keypoints.data.cpu().numpy().astype(np.float32)
+                         if result.keypoints is not None else None)
+            out.append(FrameDetections(boxes, keypoints, tuple(result.orig_shape)))
+        return out
+
+
+class CameraTracks:
+    """One camera's ultralytics tracker fed with `FrameDetections`, as `model.track` feeds it
+    (boxes through the tracker, clipped to the frame; keypoints of the matched detections)."""
+
+    def __init__(self, tracker: str = "bytetrack") -> None:
+        from ultralytics.trackers.track import TRACKER_MAP
+
+        config = _tracker_settings(tracker)
+        self.tracker = TRACKER_MAP[config.tracker_type](args=config)
+
+    def update(self, detections: FrameDetections, image_rgb: np.ndarray) -> list[Detection]:
+        from ultralytics.engine.results import Boxes
+
+        tracks = self.tracker.update(Boxes(detections.boxes, detections.shape),
+                                     np.ascontiguousarray(image_rgb[..., ::-1]))
+        if len(tracks) == 0:
+            return []
+        from ultralytics.utils.ops import clip_boxes
+
+        matched = tracks[:, -1].astype(int)
+        boxes = clip_boxes(tracks[:, :4].copy(), detections.shape)  # as `Results.update` does
+        keypoints = detections.keypoints
+        return [Detection(box=boxes[i].astype(np.float32), score=float(tracks[i, 5]),
+                          track_id=int(tracks[i, 4]),
+                          keypoints=keypoints[matched[i]] if keypoints is not None else None)
+                for i in range(len(tracks))]
+
+    def reset(self) -> None:
+        self.tracker.reset()
+
+
+class SharedDetectorTracker:
+    """A camera's tracker over a shared detector: `PoseTracker`'s interface, `detect` one
+    frame's `FrameDetections` from wherever the detector runs (e.g. a Ray actor)."""
+
+    runtime = "torch"
+    runtime_reason = "shared detector service"
+
+    def __init__(self, detect, tracker: str = "bytetrack") -> None:
+        self.detect = detect
+        self.tracks = CameraTracks(tracker)
+
+    def update(self, image_rgb: np.ndarray) -> list[Detection]:
+        return self.tracks.update(self.detect(image_rgb), image_rgb)
+
+    def warm_up(self, height: int, width: int) -> None:
+        """One blank frame through the service (its first batch builds the predictor)."""
+        self.update(np.zeros((height, width, 3), dtype=np.uint8))
+        self.reset()
+
+    def reset(self) -> None:
+        self.tracks.reset()

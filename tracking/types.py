@@ -33,6 +33,20 @@ class VideoFrame:
 
 
 @dataclass(frozen=True, eq=False)
+class FrameDetections:
+    """One frame's people before tracking, as a shared detector returns them.
+
+    `boxes` is float32 [N, 6] (x1, y1, x2, y2, score, class) in frame pixels; `keypoints`
+    float32 [N, 17, 3] in frame pixels (None for a detector without them); `shape` the
+    frame's (height, width).
+    """
+
+    boxes: np.ndarray
+    keypoints: np.ndarray | None
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True, eq=False)
 class Detection:
     """One tracked person in one frame of one camera.
 

@@ -27,6 +27,7 @@ from tracking.sources import LIVE_SCHEMES, UnsetVariable, default_cache_dir, exp
 
 BACKPRESSURE_POLICIES = ("auto", "block", "drop_oldest")
 TRACKERS = ("bytetrack", "botsort")
+DETECTOR_SERVICES = ("auto", "per-camera", "shared")
 KEYPOINT_BACKENDS = ("auto", "pifpaf", "yolo-pose")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")  # detector and encoder inference runtimes
@@ -92,7 +93,12 @@ class DetectorConfig:
     CPU when installed, torch on CUDA). `threads`: each camera worker's share of the cores.
     `precision`: auto (the runtime's own: OpenVINO bf16 on CPUs that have it) | int8 (OpenVINO:
     NNCF post-training quantisation calibrated on each camera's own video, built once, cached;
-    the same people found, README Performance)."""
+    the same people found, README Performance).
+
+    `service`: auto | per-camera | shared. `shared` (Ray backend): one detector model for all
+    cameras, batching their frames (`batch_size`, waiting at most `max_wait` seconds to fill a
+    batch) into one forward pass, each camera keeping its own tracker; auto = shared when the
+    Ray cluster has a GPU, else a detector per camera (on a CPU, per-camera OpenVINO is faster)."""
 
     weights: str | None = None
     imgsz: int = 960
@@ -103,6 +109,9 @@ class DetectorConfig:
     threads: int = 1
     runtime: str = "auto"
     precision: str = "auto"
+    service: str = "auto"
+    batch_size: int = 8
+    max_wait: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -417,6 +426,9 @@ def _build(raw: Any, base_dir: Path, shown: str, database: str | None, device: s
     check.number("detector", det, "threads", integer=True, minimum=1)
     check.choice("detector", det, "runtime", RUNTIMES)
     check.choice("detector", det, "precision", DETECTOR_PRECISIONS)
+    check.choice("detector", det, "service", DETECTOR_SERVICES)
+    check.number("detector", det, "batch_size", integer=True, minimum=1)
+    check.number("detector", det, "max_wait", minimum=0.0)
     check.string("detector", det, "device")
     tracker = det.get("tracker")
     if tracker is not None and tracker not in TRACKERS and not Path(str(tracker)).is_file():

@@ -202,6 +202,9 @@ class Watcher:
     def run(self) -> WatchSummary:
         """Raises StorageError (incl. WriterLockedError) before anything starts, and
         BackendError when the backend cannot start (e.g. no Ray cluster at the address)."""
+        if self.config.detector.service == "shared" and self.backend_name != "ray":
+            raise BackendError("detector: service shared needs --backend ray (the local "
+                               "backend runs a detector in each camera's process)")
         repo = open_repository(self.config.database)
         try:
             repo.acquire_writer(owner="keyreid-watch")

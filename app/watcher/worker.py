@@ -259,12 +259,15 @@ def camera_main(camera: CameraConfig, settings: WorkerSettings, out: multiproces
     run_camera(camera, settings, outbox, stop)
 
 
-def run_camera(camera: CameraConfig, settings: WorkerSettings, outbox: _Outbox, stop) -> None:
+def run_camera(camera: CameraConfig, settings: WorkerSettings, outbox: _Outbox, stop,
+               tracker=None) -> None:
     """Run one camera wherever it was placed (a worker process, a Ray actor); `stop` is any
-    event with `is_set()`. `Finished` is always the last message, with the reason on failure."""
+    event with `is_set()`; `tracker` replaces the camera's own detector + tracker (a
+    `tracking.SharedDetectorTracker` over a shared detector). `Finished` is always the last
+    message, with the reason on failure."""
     status: Status | None = None
     try:
-        state = _CameraRun(camera, settings, outbox, stop)
+        state = _CameraRun(camera, settings, outbox, stop, tracker)
         outcome, reason = state.run()
         status = state.status
     except Exception as exc:  # noqa: BLE001 - any failure ends this camera alone, with its reason
@@ -327,7 +330,7 @@ class _CameraRun:
     """The per-frame loop of one camera, with stage timings and counters."""
 
     def __init__(self, camera: CameraConfig, settings: WorkerSettings, outbox: _Outbox,
-                 stop) -> None:
+                 stop, tracker=None) -> None:
         from tracking.keypoints import select_keypoint_backend
         from tracking.sources import LatestFrames, VideoSource
         from tracking.tracklets import TrackletBuffer
@@ -343,7 +346,7 @@ class _CameraRun:
                              open_timeout=settings.open_timeout,
                              read_timeout=settings.open_timeout)
         self.source = LatestFrames(source) if source.live else source
-        self.tracker = build_tracker(camera, det)
+        self.tracker = tracker if tracker is not None else build_tracker(camera, det)
         height, width = (camera.crop[3], camera.crop[2]) if camera.crop else (480, 640)
         self.tracker.warm_up(height, width)  # before Ready: the first frame then costs what others do
         kp = settings.keypoints

@@ -1,8 +1,11 @@
 """The Ray backend: a camera stage per actor, the encoder's model in an actor of its own.
 
 Placement: each camera actor asks for the detector's thread share of CPUs (`detector.threads`,
-one by default) wherever the cluster has them; the encoder actor asks for a GPU where the
-cluster has one (and the encoder is not pinned to the CPU), else for its own threads' CPUs.
+one by default) wherever the cluster has them; the encoder actor asks for (half of) a GPU where
+the cluster has one (and the encoder is not pinned to the CPU), else for its own threads' CPUs.
+With `detector.service` shared (auto: when the cluster has a GPU) the cameras run no detector
+of their own: one detector actor (the other half of a GPU) batches all their frames, and each
+camera keeps its tracker.
 The watcher's main process (Ray's *driver*) stays the one writer of its database and the
 site's linker.
 
@@ -32,7 +35,9 @@ import numpy as np
 
 from tracking.redact import log_with_redaction
 
-from ..config import CameraConfig, ReidConfig
+from tracking.types import FrameDetections
+
+from ..config import CameraConfig, DetectorConfig, ReidConfig
 from . import BackendError
 from ..encoder_service import EncoderInfo, LocalEncoder
 from ..worker import Finished, Output, WorkerSettings, _Outbox, run_camera
@@ -41,9 +46,11 @@ LOG = logging.getLogger(__name__)
 NAMESPACE = "keyreid"
 ACTOR_PREFIX = "keyreid-camera-"  # + camera id + "-" + a random suffix (restarts get new names)
 ENCODER_PREFIX = "keyreid-encoder-"  # + a random suffix
+DETECTOR_PREFIX = "keyreid-detector-"  # + a random suffix
 FORWARDED_ENV = ("KEYREID_", "YOLO_", "HF_HUB_")  # offline switches and test hooks reach actors
 TAKE_WAIT_S = 0.5  # how long one `take` waits for a first message
 TAKE_LIMIT = 64
+CONNECT_TIMEOUT_S = 5  # per attempt when joining a cluster (Ray's own default: minutes in all)
 
 
 @dataclass(frozen=True)
@@ -62,9 +69,18 @@ class CameraActor:
         self.out: queue.Queue = queue.Queue(queue_size)
         self.stop_flag = threading.Event()
 
-    def run(self, camera: CameraConfig, settings: WorkerSettings) -> None:
+    def run(self, camera: CameraConfig, settings: WorkerSettings, detector=None) -> None:
+        """`detector`: the shared detector actor (None: this camera runs its own)."""
+        tracker = None
+        if detector is not None:
+            import ray
+
+            from tracking.detector import SharedDetectorTracker
+
+            tracker = SharedDetectorTracker(lambda image: ray.get(detector.detect.remote(image)),
+                                            settings.detector.tracker)
         run_camera(camera, settings, _Outbox(self.out, settings.policy, settings.pending_clips),
-                   self.stop_flag)
+                   self.stop_flag, tracker)
 
     def take(self, limit: int) -> tuple[list, list[np.ndarray]]:
         """Up to `limit` messages (waiting up to `TAKE_WAIT_S` for the first) and their crops,
@@ -90,6 +106,70 @@ class CameraActor:
 
     def stop(self) -> None:
         self.stop_flag.set()
+
+
+class DetectorActor:
+    """The shared detector: frames of many cameras batched into one forward pass.
+
+    An asyncio actor: each camera's `detect` call waits on a future; a batch runs when
+    `batch_size` frames wait or the oldest has waited `max_wait` seconds, one batch at a time
+    (a single-thread executor), so frames arriving during a forward pass form the next batch.
+    Stateless (trackers stay in the cameras), so Ray restarts it and retries its calls.
+    (Ray Serve's `serve.batch` does the same, but needs Serve's web stack.)
+    """
+
+    def __init__(self, config: DetectorConfig) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tracking.detector import PoseDetector, find_pose_weights
+
+        self.detector = PoseDetector(config.weights or find_pose_weights(), imgsz=config.imgsz,
+                                     conf=config.conf, iou=config.iou, device=config.device)
+        self.batch_size, self.max_wait = config.batch_size, config.max_wait
+        self.waiting: list = []  # (frame, future)
+        self.flush_timer = None
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.batch_sizes: list[int] = []
+
+    async def detect(self, image: np.ndarray) -> FrameDetections:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append((image, future))
+        if len(self.waiting) >= self.batch_size:
+            await self._run_batch()
+        elif self.flush_timer is None:
+            self.flush_timer = loop.call_later(self.max_wait,
+                                               lambda: asyncio.ensure_future(self._run_batch()))
+        return await future
+
+    async def _run_batch(self) -> None:
+        import asyncio
+
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
+        batch, self.waiting = self.waiting[:self.batch_size], self.waiting[self.batch_size:]
+        if not batch:
+            return
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.detector.detect, [image for image, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - each waiting camera gets the error
+            for _, future in batch:
+                future.set_exception(exc)
+        else:
+            self.batch_sizes.append(len(batch))
+            for (_, future), result in zip(batch, results):
+                future.set_result(result)
+        if self.waiting and self.flush_timer is None:
+            self.flush_timer = asyncio.get_running_loop().call_later(
+                self.max_wait, lambda: asyncio.ensure_future(self._run_batch()))
+
+    async def batches(self) -> list[int]:
+        """The size of every batch so far (how well cameras share the forward passes)."""
+        return list(self.batch_sizes)
 
 
 class EncoderActor:
@@ -244,12 +324,19 @@ class RayBackend:
             options.update(address="local", include_dashboard=False,
                            num_cpus=max(os.cpu_count() or 1, cameras * self.threads + 1))
         else:
+            _check_reachable(address)
+            # Ray retries a cluster it cannot join for minutes; give up after ~20 s instead.
+            for knob in ("RAY_gcs_rpc_server_connect_timeout_s",
+                         "RAY_gcs_rpc_server_reconnect_timeout_s"):
+                os.environ.setdefault(knob, str(CONNECT_TIMEOUT_S))
             options["address"] = address
         try:
             ray.init(**options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            hint = (" (is this process given the cluster's token: RAY_AUTH_TOKEN or "
+                    "~/.ray/auth_token?)" if address else "")
             raise BackendError(f"could not start or join the Ray cluster at "
-                               f"{address or 'this machine'}: {_first_line(exc)}") from exc
+                               f"{address or 'this machine'}: {_first_line(exc)}{hint}") from exc
         resources = ray.cluster_resources()
         LOG.info("Ray cluster %s: %d node(s), %g CPU, %g GPU", address or "(local instance)",
                  len([n for n in ray.nodes() if n["Alive"]]), resources.get("CPU", 0),
@@ -260,6 +347,24 @@ class RayBackend:
                         "wait for a free CPU (add a node)", resources.get("CPU", 0), cameras,
                         self.threads)
         self.cameras: list[RayCamera] = []
+        self.detector = None  # the shared detector actor, started with the first camera
+
+    def _shared_detector(self, config: DetectorConfig):
+        """The shared detector actor when the cameras use one (`detector.service`), else None."""
+        gpus = self.ray.cluster_resources().get("GPU", 0)
+        shared = config.service == "shared" or (
+            config.service == "auto" and gpus >= 1 and config.device != "cpu")
+        if not shared:
+            return None
+        if self.detector is None:
+            placement = ({"num_gpus": 0.5, "num_cpus": 1} if gpus >= 1 and config.device != "cpu"
+                         else {"num_cpus": config.threads or 1})
+            LOG.info("shared detector actor (batches of up to %d frames): %s", config.batch_size,
+                     ", ".join(f"{k} {v}" for k, v in placement.items()))
+            self.detector = self.ray.remote(DetectorActor).options(
+                name=f"{DETECTOR_PREFIX}{uuid.uuid4().hex[:8]}", max_restarts=-1,
+                max_task_retries=-1, **placement).remote(config)
+        return self.detector
 
     def start_camera(self, camera: CameraConfig, settings: WorkerSettings) -> RayCamera:
         actor_class = self.ray.remote(CameraActor).options(
@@ -267,7 +372,8 @@ class RayBackend:
             num_cpus=settings.detector.threads or self.threads, max_concurrency=3,
             max_restarts=0)
         actor = actor_class.remote(camera.id, settings.log_level, self.queue_size)
-        handle = RayCamera(actor, actor.run.remote(camera, settings), camera.id)
+        detector = self._shared_detector(settings.detector)
+        handle = RayCamera(actor, actor.run.remote(camera, settings, detector), camera.id)
         self.cameras.append(handle)
         return handle
 
@@ -279,7 +385,7 @@ class RayBackend:
     def encoder(self, config: ReidConfig) -> RemoteEncoder:
         gpus = self.ray.cluster_resources().get("GPU", 0)
         if gpus >= 1 and config.device != "cpu":
-            placement = {"num_gpus": 1, "num_cpus": 1}
+            placement = {"num_gpus": 0.5, "num_cpus": 1}  # the other half: the shared detector
         else:
             placement = {"num_cpus": config.threads or 1}
         LOG.info("encoder actor: %s", ", ".join(f"{k} {v}" for k, v in placement.items()))
@@ -291,7 +397,30 @@ class RayBackend:
     def close(self) -> None:
         for handle in self.cameras:
             handle.kill()
+        if self.detector is not None:
+            LOG.info("shared detector: %s", _batch_report(self.ray.get(self.detector.batches.remote())))
         self.ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once, saying so, when nothing listens at a HOST:PORT address."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", a ray:// URL: Ray resolves them
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise BackendError(f"no Ray cluster at {address}: {exc} (start one with `ray start "
+                           f"--head --port {port}`, or check --ray-address)") from exc
+
+
+def _batch_report(sizes: list[int]) -> str:
+    if not sizes:
+        return "no batches"
+    return (f"{sum(sizes)} frames in {len(sizes)} batches (mean {np.mean(sizes):.1f} frames, "
+            f"largest {max(sizes)})")
 
 
 def _first_line(exc: BaseException) -> str:
