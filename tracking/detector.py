@@ -230,8 +230,9 @@ class PoseDetector:
     """YOLO-pose without a tracker, for frames of many cameras at once (one forward pass per
     batch): the model of a shared detector service, for a GPU. torch only: the exported CPU
     runtimes are built for batch 1, and on a CPU a detector per camera is the better set-up
-    (OpenVINO ran a demo frame in 40 ms against torch's 156 ms on one thread, README
-    Performance; a CPU's work grows with the batch, so batching does not win that back).
+    (`app.bench` on the demo: detection + tracking 81 ms per frame with OpenVINO INT8 against
+    209 ms with torch, README Performance; a CPU's work grows with the batch, so batching does
+    not win that back).
     """
 
     def __init__(self, weights: str | os.PathLike, *, imgsz: int = 1280, conf: float = 0.25,
