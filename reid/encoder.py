@@ -92,7 +92,7 @@ class Encoder:
     `precision`: "auto" (bf16 autocast on CUDA when supported, else fp16; on the CPU bf16 with
     OpenVINO where the CPU has bf16 units, else fp32), "fp32", "bf16", "fp16" or "int8"
     (OpenVINO only: `reid.export.cached_int8`, an NNCF quantisation of the export calibrated
-    once, about 10 s for ViT-Tiny, on `calibration`: uint8 clips and keypoints as `encode` takes
+    once, about 15 s for ViT-Tiny, on `calibration`: uint8 clips and keypoints as `encode` takes
     them, by default `reid.calibration.synthetic_clips`, rendered walkers).
     `runtime`: "torch", "openvino", "onnxruntime" or "auto" (`resolve_runtime`). The latter two
     run the optimised inference graph exported to ONNX (`reid.export`, cached in `export_dir`)

@@ -190,7 +190,7 @@ def cached_int8(onnx: str | os.PathLike, calibration: Calibration) -> Path:
         except ValueError:
             pass
         log.warning("encoder: cached INT8 model %s is corrupt; quantising again", xml)
-    log.info("encoder: INT8-quantising %s on %d calibration clips (once, about 10 s for ViT-Tiny; "
+    log.info("encoder: INT8-quantising %s on %d calibration clips (once, about 15 s for ViT-Tiny; "
              "cached as %s)", onnx.name, len(calibration[0]), xml)
     staging = Path(tempfile.mkdtemp(dir=onnx.parent, prefix=f".{xml.stem}."))
     try:
