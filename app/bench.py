@@ -38,6 +38,7 @@ from tracking.runtimes import resolve_runtime
 
 from .watcher.config import (
     DETECTOR_PRECISIONS,
+    PRECISIONS,
     RUNTIMES,
     CameraConfig,
     DetectorConfig,
@@ -176,9 +177,10 @@ def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int |
               baseline: bool = True, runtimes: list[str] | None = None,
               imgsz: list[int] | None = None, max_fps: list[float] | None = None,
               threads: int | None = None, reid_runtime: str | None = None,
-              precisions: list[str] | None = None, rounds: int = 1) -> str:
+              precisions: list[str] | None = None, rounds: int = 1,
+              reid_precisions: list[str] | None = None) -> str:
     """The bench as a markdown report: one column per detector runtime x precision x input size x
-    max_fps, measured one after the other in this run (so they share the machine's load), the
+    max_fps x encoder precision, measured one after the other in this run (so they share the machine's load), the
     whole sequence `rounds` times (A B A B ...: interleaved, for a box whose load changes);
     the other overrides apply to every column."""
     config = load_config(config_path)
@@ -193,15 +195,19 @@ def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int |
              f"precision {precisions or detector.precision}, encoder "
              f"{config.reid.model} (runtime {config.reid.runtime}), max frames {max_frames}, "
              f"cpu count {os.cpu_count()}"]
-    columns = [(r, p, size, fps) for r in (runtimes or [detector.runtime])
+    columns = [(r, p, size, fps, rp) for r in (runtimes or [detector.runtime])
                for p in (precisions or [detector.precision])
                for size in (imgsz or [detector.imgsz])
-               for fps in (max_fps if max_fps and len(max_fps) > 1 else [None])]
+               for fps in (max_fps if max_fps and len(max_fps) > 1 else [None])
+               for rp in (reid_precisions or [reid.precision])]
     results = []
     for round_ in range(rounds):
-        for r, p, size, fps in columns:
-            column = replace(config, detector=replace(detector, runtime=r, precision=p, imgsz=size))
+        for r, p, size, fps, rp in columns:
+            column = replace(config, detector=replace(detector, runtime=r, precision=p, imgsz=size),
+                             reid=replace(reid, precision=rp))
             measured = _measure(_with_max_fps(column, fps), max_frames, baseline)
+            if reid_precisions:
+                measured.runtime += f" enc-{rp}"
             if imgsz and len(imgsz) > 1:
                 measured.runtime += f" @{size}"
             if fps is not None:
@@ -262,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="every camera's max_fps; several: compared side by side")
     parser.add_argument("--threads", type=int, help="override detector.threads (per camera)")
     parser.add_argument("--reid-runtime", choices=RUNTIMES, help="override reid.runtime")
+    parser.add_argument("--reid-precision", nargs="+", choices=PRECISIONS, dest="reid_precisions",
+                        help="encoder precision(s) to compare side by side (default: the config's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(run_bench(args.cameras, args.max_frames, baseline=not args.no_baseline,
                     runtimes=args.runtimes, imgsz=args.imgsz, max_fps=args.max_fps,
                     threads=args.threads, reid_runtime=args.reid_runtime,
-                    precisions=args.precisions, rounds=args.rounds))
+                    precisions=args.precisions, rounds=args.rounds,
+                    reid_precisions=args.reid_precisions))
     return 0
 
 
