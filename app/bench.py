@@ -186,6 +186,8 @@ def run_bench(config_path: str | os.PathLike = DEFAULT_CONFIG, max_frames: int |
     config = load_config(config_path)
     detector = replace(config.detector, threads=threads) if threads is not None else config.detector
     reid = replace(config.reid, runtime=reid_runtime) if reid_runtime else config.reid
+    if reid_runtime in ("torch", "onnxruntime") and reid.precision in ("bf16", "int8"):
+        reid = replace(reid, precision="auto")  # the config's is OpenVINO's; the runtime's own
     config = _with_max_fps(replace(config, detector=detector, reid=reid),
                            max_fps[0] if max_fps and len(max_fps) == 1 else None)
     enabled = config.enabled_cameras
