@@ -15,6 +15,7 @@ Each camera is a `CameraHandle`; the watcher supervises handles the same way wha
 """
 from __future__ import annotations
 
+import queue
 from typing import Protocol
 
 from ..config import CameraConfig, ReidConfig
@@ -25,6 +26,17 @@ BACKENDS = ("local", "ray")
 
 class BackendError(RuntimeError):
     """The backend cannot start (Ray missing, no cluster at the address): nothing has run."""
+
+
+def take_waiting(messages: queue.Queue, limit: int) -> list:
+    """Up to `limit` messages already in `messages`, without waiting."""
+    taken = []
+    for _ in range(limit):
+        try:
+            taken.append(messages.get_nowait())
+        except queue.Empty:
+            break
+    return taken
 
 
 class CameraHandle(Protocol):

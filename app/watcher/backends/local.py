@@ -9,6 +9,7 @@ import threading
 from ..config import CameraConfig, ReidConfig
 from ..encoder_service import LocalEncoder
 from ..worker import Finished, WorkerSettings, camera_main
+from . import take_waiting
 
 
 class _Inbox:
@@ -33,13 +34,7 @@ class _Inbox:
                 return
 
     def take(self, limit: int) -> list:
-        taken = []
-        for _ in range(limit):
-            try:
-                taken.append(self.messages.get_nowait())
-            except queue.Empty:
-                break
-        return taken
+        return take_waiting(self.messages, limit)
 
 
 class ProcessCamera:

@@ -38,7 +38,7 @@ from tracking.redact import log_with_redaction
 from tracking.types import FrameDetections
 
 from ..config import CameraConfig, DetectorConfig, ReidConfig
-from . import BackendError
+from . import BackendError, take_waiting
 from ..encoder_service import EncoderInfo, LocalEncoder
 from ..worker import Finished, Output, WorkerSettings, _Outbox, run_camera
 
@@ -243,13 +243,7 @@ class RayCamera:
         ray.kill(self.actor, no_restart=True)
 
     def take(self, limit: int) -> list:
-        taken = []
-        for _ in range(limit):
-            try:
-                taken.append(self.messages.get_nowait())
-            except queue.Empty:
-                break
-        return taken
+        return take_waiting(self.messages, limit)
 
     def reader_alive(self) -> bool:
         return self.thread.is_alive()
