@@ -42,7 +42,10 @@ def postgres():
 def ray_cluster():
     """A real Ray cluster on this machine for the whole session: a head and one more node
     (see support.RayCluster); tests that need one skip, saying why, where it cannot start."""
-    pytest.importorskip("ray", reason="Ray (the `site` extra) is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: the cluster is other processes
+        pytest.skip("Ray (the `site` extra) is not installed")
     from support import RayCluster
 
     try:

@@ -1,6 +1,7 @@
 """cams.yaml validation: every problem reported with its camera and field; exit code 2, nothing started."""
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_backend_problems_exit_2_and_start_nothing(tmp_path, capsys):
     assert main(["--cameras", str(path), "--ray-address", "127.0.0.1:1"]) == EXIT_CONFIG
     assert "--ray-address needs --backend ray" in capsys.readouterr().err
     path.write_text(path.read_text().replace("service: shared", "service: auto"))
-    pytest.importorskip("ray", reason="Ray (the `site` extra) is not installed")
     assert main(["--cameras", str(path), "--backend", "ray", "--ray-address", "127.0.0.1:1"]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "no Ray cluster at 127.0.0.1:1" in err and "nothing was started" in err
+    assert "ray" not in sys.modules  # refused before Ray was imported (and its threads started)

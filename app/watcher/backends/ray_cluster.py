@@ -303,6 +303,8 @@ class RayBackend:
 
     def __init__(self, queue_size: int, address: str | None, cameras: int = 1,
                  threads: int = 1) -> None:
+        if address is not None:
+            _check_reachable(address)  # before importing Ray: a wrong address fails at once
         try:
             import ray
         except ImportError as exc:
@@ -318,7 +320,6 @@ class RayBackend:
             options.update(address="local", include_dashboard=False,
                            num_cpus=max(os.cpu_count() or 1, cameras * self.threads + 1))
         else:
-            _check_reachable(address)
             # Ray retries a cluster it cannot join for minutes; give up after ~20 s instead.
             for knob in ("RAY_gcs_rpc_server_connect_timeout_s",
                          "RAY_gcs_rpc_server_reconnect_timeout_s"):
