@@ -38,10 +38,11 @@ def postgres():
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A real Ray cluster on this machine for the whole session: a head and one more node
-    (see support.RayCluster); tests that need one skip, saying why, where it cannot start."""
+    """A real Ray cluster on this machine for one test module: a head and one more node (see
+    support.RayCluster), gone before later modules run; tests that need one skip, saying why,
+    where it cannot start."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:  # not imported here: the cluster is other processes

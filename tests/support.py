@@ -228,6 +228,9 @@ def _free_port() -> int:
 
 
 # -- a real Ray cluster (a head and one more node) for the Ray backend's tests ---------------
+OBJECT_STORE_BYTES = 300 * 1024 * 1024  # per node; the tests' crops and frames need a few MB
+
+
 class RayCluster:
     """`ray start --head` and `ray start --address` on this machine, both given 127.0.0.1, in
     the foreground (`--block`) so that stopping the two processes stops exactly this cluster
@@ -250,8 +253,10 @@ class RayCluster:
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         env = self.env
+        # A small object store: Ray's default (30% of the RAM per node, in /dev/shm) would leave
+        # later tests' DataLoader workers, which pass tensors through /dev/shm, without room.
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node), "--block",
-                  "--disable-usage-stats"]
+                  "--disable-usage-stats", "--object-store-memory", str(OBJECT_STORE_BYTES)]
         self.logs = [open(self.folder / "head.log", "w"), open(self.folder / "node.log", "w")]
         self.processes = [subprocess.Popen(
             [ray, "start", "--head", "--port", str(self.port), "--include-dashboard", "false",
