@@ -22,6 +22,7 @@ export for OpenVINO, calibrated on rendered person clips (`reid.calibration`) or
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -212,10 +213,9 @@ def quantize_int8(onnx: str | os.PathLike, calibration: Calibration) -> "ov.Mode
     (which NNCF applies to transformers by default; worst cosine to fp32 as for `INT8_SCOPE`:
     0.985 with it, 0.988 without; untrained ViT-Tiny 0.982 / 0.989)."""
     import nncf
-    import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    model = ov.Core().read_model(str(onnx))
+    model = openvino_core().read_model(str(onnx))
     if not any(op.get_friendly_name().startswith(INT8_SCOPE) for op in model.get_ordered_ops()):
         raise RuntimeError(f"no {INT8_SCOPE} operations in {onnx}: nothing to quantise")
     given = dict(zip(INPUTS, calibration))
@@ -234,12 +234,28 @@ def quantize_int8(onnx: str | os.PathLike, calibration: Calibration) -> "ov.Mode
         chatty.setLevel(level)
 
 
+@functools.cache
+def openvino_core() -> "ov.Core":
+    """The process's one OpenVINO `Core`, for every model this project compiles (encoder and
+    detector, `tracking.runtimes.configure_backend`); kept until the process exits.
+
+    Why one, and never released: each `Core` makes its own CPU plugin, and the plugin (OpenVINO
+    2026.4) swaps in a signal stack of its own for the creating thread, then on release restores
+    the stack it found there only if its own is still current, and unmaps its own regardless.
+    Two plugins released oldest first therefore leave the thread on an unmapped signal stack, and
+    the next Python signal handler there (SIGINT / SIGTERM for the watcher's drain, SIGCHLD for
+    DataLoader workers) dies with SIGSEGV (`tests/test_reid_export.py` reproduces it). A single
+    plugin that lives as long as the process never does that, and OpenVINO recommends one `Core`
+    per process anyway (compiled models share its plugin and its thread pools)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def openvino_cpu_has_bf16() -> bool:
     """Whether OpenVINO runs bf16 natively on this CPU (AVX512-BF16 or AMX): where it does,
     OpenVINO bf16 is the encoder's `auto` precision on the CPU (`resolve_precision`)."""
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def resolve_precision(runtime: str, precision: str) -> str:
@@ -277,15 +293,13 @@ class OnnxRunner:
         check_precision(runtime, precision)
         self.runtime, self.path = runtime, Path(path)
         if runtime == "openvino":
-            import openvino as ov
-
             config: dict = {"PERFORMANCE_HINT": "LATENCY"}
             if precision != "int8":
                 config["INFERENCE_PRECISION_HINT"] = "f32" if precision == "fp32" else "bf16"
             if threads is not None:  # a share of the cores: not pinned to the ones OpenVINO
                 config["INFERENCE_NUM_THREADS"] = threads  # would pick for a whole machine
-                config["ENABLE_CPU_PINNING"] = False  # (tracking.runtimes.pin_threads)
-            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+                config["ENABLE_CPU_PINNING"] = False  # (tracking.runtimes.configure_backend)
+            self._compiled = openvino_core().compile_model(str(path), "CPU", config)
             # OpenVINO may give an input extra tensor names; keep the one we exported.
             self.inputs = [next(n for n in port.get_names() if n in INPUTS) for port in self._compiled.inputs]
         elif runtime == "onnxruntime":

@@ -2,6 +2,8 @@
 import importlib.util
 import logging
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,6 +197,31 @@ def test_exported_encoder_checks_camera_ids_and_empty_input(runtime, tmp_path):
     with pytest.raises(ValueError, match="num_cameras"):
         encoder.encode(frames, keypoints, [0, 1, 8])
     assert encoder.encode(frames[:0], keypoints[:0]).shape == (0, encoder.dim)
+
+
+RELEASE_THEN_SIGNAL = """
+import gc, os, signal, sys
+import reid
+first = reid.Encoder(device="cpu", runtime="openvino", export_dir=sys.argv[1], depth=2, img_size=(64, 32))
+second = reid.Encoder(device="cpu", runtime="openvino", export_dir=sys.argv[1], depth=1, img_size=(64, 32))
+del first  # the older one first
+gc.collect()
+del second
+gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+
+
+def test_released_openvino_encoders_leave_signal_handling_working(tmp_path):
+    """Regression: each OpenVINO Core's CPU plugin swaps the thread's signal stack and unmaps its
+    own on release; two released oldest first left the stack unmapped, and the next Python signal
+    handler (the watcher's SIGINT drain, DataLoader's SIGCHLD) killed the process with SIGSEGV
+    (the full test suite died so). Encoders now share one Core (`reid.export.openvino_core`)."""
+    _needs("openvino")
+    done = subprocess.run([sys.executable, "-c", RELEASE_THEN_SIGNAL, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "handled", (done.returncode, done.stderr[-2000:])
 
 
 def test_export_cache_reuses_rekeys_and_rebuilds(tmp_path, monkeypatch, caplog):

@@ -142,6 +142,11 @@ def test_exported_detector_tracks_with_pinned_threads(runtime, weights, demo_cam
         assert backend.ov_compiled_model.get_property("INFERENCE_NUM_THREADS") == 1
         # pinned, every camera worker's thread went to the same core (README, Performance)
         assert backend.ov_compiled_model.get_property("ENABLE_CPU_PINNING") is False
+        from reid.export import openvino_core
+
+        # recompiled on the process's one Core, so the one ultralytics made is freed (why:
+        # tests/test_reid_encoder.py::test_released_openvino_encoders_leave_signal_handling_working)
+        assert backend.compile_model.func == openvino_core().compile_model
     else:
         assert backend.session.get_session_options().intra_op_num_threads == 1
     people = [p for frame in tracks for p in frame]

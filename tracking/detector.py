@@ -173,11 +173,12 @@ class PoseTracker:
                                    tracker=self.tracker, device=self.device, **precision)
         if not self._started:
             self._started = True
-            if self.runtime != "torch" and self.runtime_threads is not None:
-                from .runtimes import pin_threads
+            if self.runtime != "torch":
+                from .runtimes import configure_backend
 
-                pin_threads(self.model.predictor, self.model_path, self.runtime, self.runtime_threads)
-                LOG.info("detector: %s pinned to %d thread(s)", self.runtime, self.runtime_threads)
+                configure_backend(self.model.predictor, self.model_path, self.runtime, self.runtime_threads)
+                if self.runtime_threads is not None:
+                    LOG.info("detector: %s given %d thread(s)", self.runtime, self.runtime_threads)
             if self._torch.get_num_threads() != self.torch_threads:
                 LOG.info("ultralytics set torch threads to %d; restoring %d",
                          self._torch.get_num_threads(), self.torch_threads)

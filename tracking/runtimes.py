@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -276,26 +277,37 @@ def _export(weights: Path, imgsz: int, runtime: str, staging: Path) -> Path:
     return produced
 
 
-def pin_threads(predictor: Any, model: Path, runtime: str, threads: int) -> None:
-    """Give an ultralytics predictor's OpenVINO / ONNX Runtime backend exactly `threads` threads.
+def configure_backend(predictor: Any, model: Path, runtime: str, threads: int | None) -> None:
+    """Recompile an ultralytics predictor's OpenVINO / ONNX Runtime backend with this project's
+    settings, once, after the predictor loaded: `threads` threads (None: the runtime's default)
+    and, for OpenVINO, on the process's one Core (`reid.export.openvino_core`, why: its
+    docstring), so the Core ultralytics made for the model is freed.
 
     ultralytics compiles OpenVINO with only a LATENCY hint (which takes every core) and builds its
     ONNX Runtime session without options (one intra-op thread per core), and neither is
-    configurable, so with N camera workers each would spread over all cores. This recompiles the
-    model with ultralytics' own settings plus the thread count, once, after the predictor loaded.
+    configurable, so with N camera workers each would spread over all cores.
 
     OpenVINO also pins its inference threads to cores by default, choosing the cores as if its
     process had the machine to itself: every camera worker pinned its one thread to the same core,
     so two cameras shared one core of two (demo, INT8 at 960: 134 ms wall for 67 ms of CPU per
-    frame in each worker, 69 ms with pinning off). Placement is left to the OS scheduler.
+    frame in each worker, 69 ms with pinning off). Given a thread share, placement is left to the
+    OS scheduler.
     """
     backend = predictor.model.backend
     if runtime == "openvino":
-        config = {**backend.compile_model.keywords.get("config", {}), "INFERENCE_NUM_THREADS": threads,
-                  "ENABLE_CPU_PINNING": False}
-        backend.compile_model.keywords["config"] = config  # also for ultralytics' own recompiles
+        from reid.export import openvino_core
+
+        keywords = backend.compile_model.keywords  # ultralytics' own, also for its recompiles
+        config = dict(keywords.get("config", {}))
+        if threads is not None:
+            config.update(INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=False)
+        backend.compile_model = functools.partial(openvino_core().compile_model, **{**keywords, "config": config})
+        if backend.read_model is not None:
+            backend.read_model = functools.partial(openvino_core().read_model, **backend.read_model.keywords)
         backend.ov_compiled_model = backend.compile_model(str(next(model.glob("*.xml"))))
     elif runtime == "onnxruntime":
+        if threads is None:
+            return
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -304,4 +316,4 @@ def pin_threads(predictor: Any, model: Path, runtime: str, threads: int) -> None
         backend.session = ort.InferenceSession(str(model), options,
                                                providers=backend.session.get_providers())
     else:
-        raise ValueError(f"no runtime threads to pin for {runtime!r}")
+        raise ValueError(f"no exported backend to configure for {runtime!r}")
