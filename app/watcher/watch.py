@@ -35,26 +35,24 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from storage import (
-    OPERATOR_KINDS,
     NewClip,
     Repository,
     StorageError,
     StorageUnavailableError,
-    UnlinkedTracklet,
     open_repository,
 )
-from storage.similarity import unit
-from tracking.linking import Calibrator, Decision, Linker, LinkerConfig, Member, TrackletSummary
+from tracking.linking import TrackletSummary
 from tracking.redact import log_with_redaction, redact
 
-from .config import CameraConfig, ConfigError, WatchConfig, load_config
 from .backends import BACKENDS, BackendError, CameraHandle, make_backend
+from .config import CameraConfig, ConfigError, WatchConfig, load_config
+from .linking import SiteLinking
 from .worker import Finished, Output, Ready, Status, WorkerSettings, thumbnail_jpeg
 
 LOG = logging.getLogger("keyreid.watch")
@@ -62,11 +60,6 @@ DB_STATUS_INTERVAL_S = 2.0
 LOG_STATUS_INTERVAL_S = 10.0
 DEATH_GRACE_S = 1.0  # after a worker dies, how long its last complete messages may take to arrive
 RETENTION_SLICE_S = 2.0  # at most this long per retention call (it resumes at the next)
-RELINK_INTERVAL_S = 1.0  # pending tracklets are re-decided (and finished ones fetched) this often
-LINKER_CLAIM_INTERVAL_S = 2.0  # a watcher that does not link tries to take the linker lock this often
-LINK_BATCH = 500  # finished tracklets fetched from the database per linking pass
-CALIBRATION_INTERVAL_S = 10.0  # the linker's separation is stored this often
-CALIBRATION_SAMPLES_KEPT = 2000  # recent labels per class stored with it, for the next run
 
 EXIT_OK, EXIT_CAMERA_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -254,12 +247,6 @@ class Watcher:
         self.encoder = EncoderService(config.reid, self.backend.encoder(config.reid))
         self._report_camera_statistics()
         self.tracklets: dict[tuple[str, int], _Tracklet] = {}
-        # Set while this watcher is the site's linker (`_claim_linking`); None: it stores only.
-        self.linker: Linker | None = None
-        self.own_finished: dict[int, TrackletSummary] = {}  # exact descriptors, until linked
-        self.storing_only_said = False
-        self.last_relink = self.last_calibration = self.last_claim = 0.0
-        self.last_operator_change = 0
         self.spool: deque[_Write] = deque()
         self.drained_at: float | None = None  # time.monotonic() when the last result was handled
         self.spool_clips = 0
@@ -267,10 +254,13 @@ class Watcher:
         self.db_retry_at = 0.0
         self.db_retry_delay = config.storage.retry_delay
         self.encode_retry_at = 0.0
-        self.counts = {"tracklets": 0, "clips": 0, "linked": 0, "identities": 0,
-                       "set_aside": 0, "dropped_writes": 0}
-        self.timing = {"store": 0.0, "link": 0.0}
-        self._claim_linking()
+        self.counts = {"tracklets": 0, "clips": 0, "set_aside": 0, "dropped_writes": 0}
+        self.store_seconds = 0.0
+        self.linking = SiteLinking(config.linking, repo, self.encoder.info, self.run_id,
+                                   start_over=self.start_over,
+                                   unavailable=lambda reason: self._database_unavailable(reason, time.monotonic()),
+                                   direct=self._direct)
+        self.linking.claim()
 
     def _spawn(self, camera: _Camera) -> None:
         settings = replace(camera.settings, first_track_number=camera.max_track)
@@ -313,11 +303,9 @@ class Watcher:
                     progressed = self._encode_and_store() or progressed
                 self._finish_stored()
                 self._flush_spool(now)
-                if self.linker is None and now - self.last_claim >= LINKER_CLAIM_INTERVAL_S:
-                    self.last_claim = now
-                    self._claim_linking()
-                if not self.spool:
-                    self._link_ready()
+                self.linking.claim(now)
+                if not self.spool and self.db_error is None:
+                    self.linking.link_ready()
                 if not running and not self.encoder.backlog and not self.spool:
                     self.drained_at = time.monotonic()
                     break
@@ -460,7 +448,7 @@ class Watcher:
                     for t, c, d in kept if t.db_id is not None]
             start = time.monotonic()
             repo.add_clips(rows)
-            self.timing["store"] += time.monotonic() - start
+            self.store_seconds += time.monotonic() - start
             self.counts["clips"] += len(rows)
             for tracklet, clip, descriptor in kept:
                 tracklet.descriptors.append(descriptor)
@@ -526,146 +514,7 @@ class Watcher:
             LOG.error("could not store %s: %s", what, exc)
         return False
 
-    # -- linking ---------------------------------------------------------------------------------
-    def _earlier_calibration(self, config: LinkerConfig) -> Calibrator:
-        """The labels of the newest earlier run of this model: a restarted watcher decides with
-        what it had learnt instead of waiting for 50 new labels of each kind. A site-adapted
-        checkpoint adds its cross-camera genuine labels (`reid.Encoder.cross_camera_genuine`)."""
-        model_id = self.encoder.model_id
-        calibrator = Calibrator(config.calibration, model_id)
-        if not self.config.linking.enabled:
-            return calibrator
-        runs = [] if self.start_over else sorted(self.repo.list_runs(), key=lambda r: r.id, reverse=True)
-        for run in runs:
-            stored = run.calibration or {}
-            if run.id != self.run_id and stored.get("model_id") == model_id \
-                    and stored.get("genuine_samples") is not None:
-                calibrator = Calibrator(config.calibration, model_id,
-                                        stored["genuine_samples"], stored["impostor_samples"])
-                LOG.info("linker calibration continues from run %d: %s", run.id,
-                         calibrator.status())
-                break
-        cross_genuine = self.encoder.info.cross_camera_genuine
-        if cross_genuine is not None and len(cross_genuine):
-            calibrator.add_cross_genuine(cross_genuine)
-            LOG.info("linker: %d cross-camera genuine labels from the site-adapted checkpoint "
-                     "(median distance %.2f)", len(cross_genuine), float(np.median(cross_genuine)))
-        return calibrator
-
-    def _continue_identities(self) -> None:
-        """Identities seen within the time window (wall clock) stay candidates across a
-        restart: their members are loaded with their descriptors, prototypes rebuilt."""
-        window = self.config.linking.time_window
-        since = time.time() - window if window is not None else -np.inf
-        snapshots = self.repo.recent_identities(since, self.encoder.model_id)
-        for snapshot in snapshots:
-            members = [Member(m.tracklet_id, m.camera_id, m.first_time, m.last_time, m.descriptor)
-                       for m in snapshot.members]
-            total = np.sum([m.descriptor for m in snapshot.members], axis=0)
-            self.linker.add_identity(snapshot.identity_id, unit(total), members,
-                                     weight=float(np.linalg.norm(total)))
-        if snapshots:
-            LOG.info("linking continues %d identities of earlier runs (seen in the last %s)",
-                     len(snapshots), "any time" if window is None else f"{window:.0f} s")
-
-    def _calibration_record(self) -> dict:
-        """What `runs.calibration` holds: the separation figures the dashboard shows, and the
-        most recent labels, which the next run of this model starts from."""
-        calibrator = self.linker.calibrator
-        recent = lambda values: [round(float(v), 5)  # noqa: E731
-                                 for v in values[-CALIBRATION_SAMPLES_KEPT:]]
-        return {**asdict(self.linker.separation()), "model_id": calibrator.model_id,
-                "genuine_samples": recent(calibrator.genuine_samples()),
-                "impostor_samples": recent(calibrator.impostor_samples())}
-
-    def _record_decision(self, decision: Decision) -> int:
-        """The linker's hook: store a "new" or "linked" decision, with its evidence."""
-        evidence = {"margin": decision.margin, "false_link": decision.false_link,
-                    "reason": decision.reason}
-        if decision.kind == "new":
-            identity = self.repo.open_identity(decision.key, decision.distance, decision.candidate,
-                                               evidence=evidence)
-            self.counts["identities"] += 1
-        else:
-            identity = self.repo.assign_identity(decision.key, decision.identity_id,
-                                                 decision.kind, decision.distance,
-                                                 decision.candidate, follow_merges=True,
-                                                 evidence=evidence)
-            self.counts["linked"] += 1
-        return identity
-
-    def _sync_operator_changes(self) -> None:
-        """The operator's decisions in the dashboard since the last look become linker facts:
-        merged / confirmed = must-link, split / rejected = cannot-link."""
-        for change in self.repo.link_decisions(kinds=OPERATOR_KINDS,
-                                               after_id=self.last_operator_change):
-            if change.kind == "merged":
-                self.linker.merge(change.identity_id, change.candidate_identity_id)
-            elif change.kind == "split":
-                self.linker.split(change.tracklet_id, change.identity_id)
-            elif change.kind == "confirmed":
-                self._apply_confirmation(change.tracklet_id, change.identity_id)
-            else:
-                self._apply_rejection(change.tracklet_id, change.identity_id)
-            self.last_operator_change = change.id
-
-    def _apply_rejection(self, tracklet_id: int, identity_id: int) -> None:
-        """An operator's cannot-link; if the linker joined the two since the click, the
-        operator wins: the tracklet is split out again."""
-        if self.linker.identity_of(tracklet_id) == identity_id:
-            new_id = self.repo.split_tracklet(
-                tracklet_id, note="operator's rejection applied by the watcher")
-            self.linker.split(tracklet_id, new_id)
-        self.linker.cannot_link(tracklet_id, identity_id)
-
-    def _apply_confirmation(self, tracklet_id: int, identity_id: int) -> None:
-        """An operator's must-link. The linker may have decided the tracklet between the
-        operator's click and this look (its record overwrote the confirmation): the operator
-        wins, so the confirmation is written again."""
-        self.linker.must_link(tracklet_id, identity_id)
-        tracklet = self.repo.get_tracklet(tracklet_id)
-        if tracklet is not None and tracklet.identity_id != identity_id:
-            self.repo.confirm_link(tracklet_id, identity_id,
-                                   note="operator's confirmation applied again by the watcher")
-
-    def _claim_linking(self) -> None:
-        """Become the site's linker if no other watcher is (on SQLite at once: its one writer
-        links). The linker starts from what the database knows: the labels of the newest
-        earlier run of the model, the identities seen within the time window, the operator's
-        decisions from now on. Until then this watcher stores only, and says so once."""
-        if not self.config.linking.enabled or self.linker is not None:
-            return
-        try:
-            claimed = self.repo.claim_linker()
-            if not claimed:
-                if not self.storing_only_said:
-                    LOG.info("another watcher links this site's tracklets (it holds the linker "
-                             "lock of %s): this watcher stores only, and takes linking over if "
-                             "that one stops", self.repo.url)
-                    self.storing_only_said = True
-                return
-            linking = self.config.linking
-            config = LinkerConfig(target_false_link=linking.target_false_link,
-                                  margin=linking.margin, mutual=linking.mutual,
-                                  time_window=linking.time_window,
-                                  transit_prior=linking.transit_prior)
-            linker = Linker(config, record=self._record_decision,
-                            calibrator=self._earlier_calibration(config))
-            self.linker = linker
-            if not self.start_over:
-                self._continue_identities()
-            self.last_operator_change = self.repo.last_decision_id()
-        except StorageUnavailableError as exc:
-            self.linker = None
-            self._database_unavailable(str(exc), time.monotonic())
-            return
-        if self.storing_only_said:
-            LOG.warning("this watcher takes over linking the site's tracklets (the watcher "
-                        "that linked them stopped)")
-        elif not self.repo.is_sqlite:
-            LOG.info("this watcher links the site's tracklets, its own and other watchers' "
-                     "(it holds the linker lock of %s)", self.repo.url)
-
+    # -- finished tracklets, to the link stage ---------------------------------------------------
     def _finish_stored(self, final: bool = False) -> None:
         """Mark a tracklet finished once it ended and every clip of it is stored (or set
         aside): only then is it complete in the database, where the site's linker takes it
@@ -675,77 +524,16 @@ class Watcher:
             if not (tracklet.ended or final) or tracklet.pending or tracklet.db_id is None:
                 continue
             del self.tracklets[key]
-            if self.linker is not None and tracklet.descriptors:
-                self.own_finished[tracklet.db_id] = TrackletSummary.from_clips(
+            if self.linking.active and tracklet.descriptors:
+                self.linking.tracklet_finished(TrackletSummary.from_clips(
                     tracklet.db_id, tracklet.camera_id, np.stack(tracklet.descriptors),
                     tracklet.clip_times, first_time=tracklet.first_time,
-                    last_time=tracklet.last_time)
+                    last_time=tracklet.last_time))
 
             def finish(repo: Repository, t=tracklet) -> None:
                 repo.update_tracklet(t.db_id, finished=True, end_reason=t.end_reason)
             self._spool(_Write(f"tracklet {tracklet.camera_id}/{tracklet.track_id} finished",
                                finish))
-
-    def _summary(self, row: UnlinkedTracklet) -> TrackletSummary:
-        """What the linker needs of a finished tracklet: this watcher's own exact descriptors
-        when it has them, else (another watcher's, or one finished before this watcher took
-        linking over) as stored, with the operator's rejections stored for it so far."""
-        own = self.own_finished.pop(row.tracklet_id, None)
-        if own is not None:
-            return own
-        for identity_id in self.repo.rejected_identities(row.tracklet_id):
-            self.linker.cannot_link(row.tracklet_id, identity_id)
-        return TrackletSummary.from_clips(row.tracklet_id, row.camera_id, row.clips,
-                                          row.clip_times, first_time=row.first_time,
-                                          last_time=row.last_time)
-
-    def _link_pass(self, final: bool) -> None:
-        """Fetch finished tracklets no identity holds yet (every watcher's, in the order they
-        ended), apply the operator's decisions, and let the linker decide them and re-decide
-        its pending ones. At the end of a run what is still pending opens identities of its
-        own, unless another watcher of the site is alive to take linking over."""
-        while True:
-            rows = self.repo.tracklets_to_link(self.encoder.model_id,
-                                               exclude=self.linker.pending_keys(),
-                                               limit=LINK_BATCH)
-            self._sync_operator_changes()
-            self.linker.link([self._summary(row) for row in rows], now=time.time())
-            if len(rows) < LINK_BATCH or not final:
-                break
-        if final and not self.repo.other_writers_alive(self.run_id):
-            self.linker.flush()
-
-    def _link_ready(self, final: bool = False) -> None:
-        """Link every second (and once more at the end): pending tracklets are re-decided as
-        evidence arrives. A watcher that lost the linker lock (its connection broke) stops
-        linking; what it held is still unlinked in the database for the next linker."""
-        if self.db_error is not None or self.linker is None:
-            return
-        now = time.monotonic()
-        if not final and now - self.last_relink < RELINK_INTERVAL_S:
-            return
-        self.last_relink = now
-        try:
-            if not self.repo.claim_linker():
-                LOG.error("this watcher lost the site's linker lock (its database connection "
-                          "broke): it stores only from now on; another watcher links")
-                self.linker, self.storing_only_said = None, True
-                self.own_finished.clear()
-                return
-            self._link_pass(final)
-        except StorageUnavailableError as exc:
-            self._database_unavailable(str(exc), time.monotonic())
-        except StorageError as exc:  # e.g. a merge raced us: resync and retry next time
-            LOG.warning("linking deferred: %s", exc)
-        self.timing["link"] += time.monotonic() - now
-        if final or now - self.last_calibration >= CALIBRATION_INTERVAL_S:
-            self.last_calibration = now
-            # Identities no tracklet can reach any more (outside the time window) leave memory;
-            # they stay in the database, and a restart within the window reloads them.
-            self.linker.evict(time.time())
-            calibration = self._calibration_record()
-            self._direct("the linker's calibration",
-                         lambda: self.repo.update_run_calibration(self.run_id, calibration))
 
     # -- cameras -----------------------------------------------------------------------------------
     def _check_processes(self, now: float) -> None:
@@ -865,9 +653,7 @@ class Watcher:
         except StorageUnavailableError as exc:
             self._database_unavailable(str(exc), time.monotonic())
             return
-        if self.linker is not None:
-            for identity_id in report.deleted_identity_ids:
-                self.linker.remove_identity(identity_id)
+        self.linking.identities_deleted(report.deleted_identity_ids)
         if report.tracklets_deleted:
             LOG.info("retention: deleted %d tracklets, %d clips, %d identities; database %.1f "
                      "-> %.1f MB%s", report.tracklets_deleted, report.clips_deleted,
@@ -892,15 +678,7 @@ class Watcher:
         (t0, n0), (t1, n1) = recent[0], recent[-1]
         rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
         line = (" | ".join(parts) + f" | encoder: queue {self.encoder.backlog}, {rate:.1f} clips/s"
-                f" | identities {self.counts['identities']}")
-        if self.linker is None:
-            line += (" | linker: another watcher links" if self.config.linking.enabled
-                     else " | linking off")
-        else:
-            separation = self.linker.separation()
-            line += (f" | linker: {len(self.linker.pending_keys())} pending, "
-                     + (f"AUC {separation.auc:.2f}" if separation.auc is not None
-                        else "not calibrated yet"))
+                f" | identities {self.linking.identities_opened} | {self.linking.status()}")
         if self.counts["set_aside"]:
             line += f" | {self.counts['set_aside']} clips set aside (not finite)"
         if self.spool or self.db_error:
@@ -914,8 +692,8 @@ class Watcher:
         try:
             self._finish_stored(final=True)
             self._flush_spool(time.monotonic(), now_or_never=True)
-            if not self.spool:
-                self._link_ready(final=True)
+            if not self.spool and self.db_error is None:
+                self.linking.link_ready(final=True)
         except Exception:  # noqa: BLE001 - the run must still be closed
             LOG.exception("final linking failed")
         lost = self.spool_clips
@@ -944,15 +722,15 @@ class Watcher:
         exit_code = (EXIT_DATABASE if self.spool else EXIT_CAMERA_FAILED if failed else EXIT_OK)
         return WatchSummary(
             run_id=self.run_id, cameras=cameras, tracklets=self.counts["tracklets"],
-            clips_stored=self.counts["clips"], identities=self.counts["identities"],
-            linked=self.counts["linked"], encode_seconds=self.encoder.encode_seconds,
-            store_seconds=self.timing["store"], link_seconds=self.timing["link"],
+            clips_stored=self.counts["clips"], identities=self.linking.identities_opened,
+            linked=self.linking.links_made, encode_seconds=self.encoder.encode_seconds,
+            store_seconds=self.store_seconds, link_seconds=self.linking.seconds,
             first_frame_at=min(firsts) if firsts else None, drained_at=self.drained_at,
             finished_at=time.monotonic(),
             model_id=self.encoder.model_id, dim=self.encoder.dim, exit_code=exit_code,
             set_aside=self.counts["set_aside"], lost_writes=len(self.spool),
             repaired=str(self.repair_report),
-            separation="" if self.linker is None else str(self.linker.separation()))
+            separation=self.linking.separation())
 
 
 def format_summary(summary: WatchSummary) -> str:
