@@ -244,7 +244,7 @@ def openvino_core() -> "ov.Core":
     the stack it found there only if its own is still current, and unmaps its own regardless.
     Two plugins released oldest first therefore leave the thread on an unmapped signal stack, and
     the next Python signal handler there (SIGINT / SIGTERM for the watcher's drain, SIGCHLD for
-    DataLoader workers) dies with SIGSEGV (`tests/test_reid_export.py` reproduces it). A single
+    DataLoader workers) dies with SIGSEGV (`tests/test_reid_encoder.py` reproduces it). A single
     plugin that lives as long as the process never does that, and OpenVINO recommends one `Core`
     per process anyway (compiled models share its plugin and its thread pools)."""
     import openvino as ov
