@@ -253,8 +253,9 @@ class RayCluster:
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         env = self.env
-        # A small object store: Ray's default (30% of the RAM per node, in /dev/shm) would leave
-        # later tests' DataLoader workers, which pass tensors through /dev/shm, without room.
+        # A small object store: Ray's default is 30% of the RAM per node, in /dev/shm, which the
+        # rest of the suite shares (DataLoader workers pass tensors through it); the tests' crops
+        # and frames need a few MB.
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node), "--block",
                   "--disable-usage-stats", "--object-store-memory", str(OBJECT_STORE_BYTES)]
         self.logs = [open(self.folder / "head.log", "w"), open(self.folder / "node.log", "w")]
